@@ -1,0 +1,120 @@
+"""Ed25519 signing identities with stable key ids.
+
+A key id is the first 16 bytes of SHA-256("medledger/key-id/v1" || alg || public
+key), where ``alg`` is one byte naming the algorithm (0x01 Ed25519, 0x02 X25519,
+0x03 ML-KEM-768+X25519). It is stable for the lifetime of the key and is what
+transactions name as their signer.
+"""
+
+from __future__ import annotations
+
+from cryptography.exceptions import InvalidSignature as _PycaInvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from medledger.crypto.hashing import sha256
+from medledger.errors import CryptoError, InvalidSignature
+
+__all__ = [
+    "ALG_ED25519",
+    "ALG_MLKEM768_X25519",
+    "ALG_X25519",
+    "KEY_ID_SIZE",
+    "SigningKey",
+    "VerifyKey",
+    "key_id",
+]
+
+ALG_ED25519 = 0x01
+ALG_X25519 = 0x02
+ALG_MLKEM768_X25519 = 0x03
+KEY_ID_SIZE = 16
+_KID_DOMAIN = b"medledger/key-id/v1"
+
+
+def key_id(alg: int, public_bytes: bytes) -> bytes:
+    """The stable 16-byte id of a public key."""
+    return sha256(_KID_DOMAIN, bytes([alg]), public_bytes)[:KEY_ID_SIZE]
+
+
+class VerifyKey:
+    """An Ed25519 public key."""
+
+    __slots__ = ("_key", "key_id", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) != 32:
+            raise CryptoError("an Ed25519 public key is 32 bytes")
+        self.raw = bytes(raw)
+        try:
+            self._key = ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
+        except ValueError as exc:
+            raise CryptoError("invalid Ed25519 public key") from exc
+        self.key_id = key_id(ALG_ED25519, self.raw)
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        """Raise :class:`InvalidSignature` unless ``signature`` signs ``message``."""
+        if len(signature) != 64:
+            raise InvalidSignature("an Ed25519 signature is 64 bytes")
+        try:
+            self._key.verify(signature, message)
+        except _PycaInvalidSignature:
+            raise InvalidSignature() from None
+
+    def is_valid(self, signature: bytes, message: bytes) -> bool:
+        try:
+            self.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VerifyKey) and other.raw == self.raw
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return f"VerifyKey({self.key_id.hex()})"
+
+
+class SigningKey:
+    """An Ed25519 private key."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, key: ed25519.Ed25519PrivateKey) -> None:
+        self._key = key
+        self.public = VerifyKey(
+            key.public_key().public_bytes(
+                serialization.Encoding.Raw, serialization.PublicFormat.Raw
+            )
+        )
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(ed25519.Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> SigningKey:
+        if len(seed) != 32:
+            raise CryptoError("an Ed25519 seed is 32 bytes")
+        return cls(ed25519.Ed25519PrivateKey.from_private_bytes(seed))
+
+    @property
+    def key_id(self) -> bytes:
+        return self.public.key_id
+
+    def seed(self) -> bytes:
+        """The 32-byte private seed (handle with care)."""
+        return self._key.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+    def sign(self, message: bytes) -> bytes:
+        return self._key.sign(message)
+
+    def __repr__(self) -> str:
+        return f"SigningKey({self.key_id.hex()})"

@@ -1,0 +1,151 @@
+"""The one canonical encoder for everything medledger hashes or signs.
+
+Format: deterministically encoded CBOR, RFC 8949 section 4.2.1 ("core
+deterministic encoding requirements"), over a deliberately small data model:
+
+* ``None``, ``True``, ``False``
+* integers in ``[-2**64, 2**64 - 1]`` (shortest head, as 4.2.1 requires)
+* ``bytes`` (major type 2) and ``str`` (major type 3, UTF-8), definite length
+* ``list`` / ``tuple`` (encoded as arrays)
+* ``dict`` with ``str`` keys only, sorted by the bytewise order of their
+  encoded form (for text keys that is: shorter first, then bytewise)
+
+Floats, tags, indefinite lengths, duplicate map keys and non-text map keys are
+refused in both directions. Decoding rejects any input that is not exactly the
+canonical encoding of the value it decodes to (it re-encodes and compares), so
+there is one and only one byte string per value: hashes and signatures over
+these bytes are unambiguous.
+
+The encoder itself is cbor2's ``canonical=True`` mode; this module restricts
+what reaches it and enforces canonicity on the way back in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn
+
+import cbor2
+
+from medledger.errors import EncodingError
+
+__all__ = ["MAX_DEPTH", "Value", "decode", "encode"]
+
+#: Any value of the data model (recursive; typed loosely for ergonomics).
+Value = Any
+
+MAX_DEPTH = 64
+_INT_MIN = -(2**64)
+_INT_MAX = 2**64 - 1
+
+
+def _check(value: object, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise EncodingError(f"nesting deeper than {MAX_DEPTH}")
+    if value is None or isinstance(value, (bool, bytes, str)):
+        return
+    if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise EncodingError("integer out of CBOR range")
+        return
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EncodingError(f"map key must be text, got {type(key).__name__}")
+            _check(item, depth + 1)
+        return
+    raise EncodingError(f"type {type(value).__name__} is not encodable")
+
+
+def encode(value: Value) -> bytes:
+    """Return the canonical CBOR encoding of ``value``.
+
+    Raises :class:`EncodingError` for anything outside the data model.
+    """
+    _check(value, 0)
+    try:
+        return cbor2.dumps(value, canonical=True)
+    except (cbor2.CBOREncodeError, ValueError, TypeError) as exc:  # pragma: no cover
+        raise EncodingError(f"cannot encode: {exc}") from exc
+
+
+def _reject_tag(decoder: object, tag: object) -> object:
+    raise EncodingError("CBOR tags are not allowed")
+
+
+def _reject_semantic_tag(decoder: object) -> NoReturn:
+    raise EncodingError("CBOR tags are not allowed")
+
+
+class _RejectAllTags(Mapping[int, Callable[[Any], Any]]):
+    """A ``semantic_decoders`` table that maps *every* tag number to a rejection.
+
+    cbor2 runs its built-in semantic decoders (datetimes, bignums, regexes,
+    shared references...) *before* ``tag_hook`` is consulted, so ``tag_hook``
+    alone does not keep tagged input away from them: tags 28/29 build cyclic
+    containers (``RecursionError`` instead of :class:`EncodingError`) and tag 35
+    compiles an attacker-chosen regular expression. Overriding the table refuses
+    any tag as soon as it is read.
+    """
+
+    def __getitem__(self, tag: int) -> Callable[[Any], Any]:
+        return _reject_semantic_tag
+
+    def __contains__(self, tag: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_NO_SEMANTIC_TAGS = _RejectAllTags()
+
+
+def decode(data: bytes) -> Value:
+    """Decode canonical CBOR bytes, refusing anything non-canonical.
+
+    Returns plain ``dict`` / ``list`` / scalars. Raises :class:`EncodingError`
+    for malformed, trailing, non-canonical or out-of-model input.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise EncodingError("decode expects bytes")
+    data = bytes(data)
+    try:
+        value = cbor2.loads(
+            data,
+            tag_hook=_reject_tag,
+            semantic_decoders=_NO_SEMANTIC_TAGS,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            max_depth=MAX_DEPTH + 1,
+        )
+    except EncodingError:
+        raise
+    except Exception as exc:  # cbor2 raises several types, incl. for trailing data
+        raise EncodingError(f"malformed CBOR: {exc}") from exc
+    value = _thaw(value)
+    try:
+        again = encode(value)
+    except EncodingError:
+        raise
+    if again != data:
+        raise EncodingError("input is not in canonical form")
+    return value
+
+
+def _thaw(value: object) -> object:
+    """Turn cbor2's decoded containers into plain lists / dicts, rejecting floats."""
+    if isinstance(value, float):
+        raise EncodingError("floating-point numbers are not allowed")
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray)):
+        return [_thaw(v) for v in value]
+    return value
