@@ -1,0 +1,238 @@
+"""Apply-and-commit: the state transition of a transaction and of a block.
+
+Validating one transaction is this checklist, in order; the first failure
+rejects the transaction with the named error and leaves state untouched:
+
+1. It parses as a canonical envelope ............................ MalformedTransaction
+2. It names this network ........................................ WrongNetwork
+3. Its type is handled by a contract active at this height ...... UnknownTransactionType
+4. Its id is not already in the log ............................. ReplayedTransaction
+5. Its signature verifies with the public key it carries ........ BadTransactionSignature
+6. Its key is registered, current, of an active principal ....... UnknownSigner / Unauthorized
+7. Its sequence number is exactly the signer's last + 1 ......... ReplayedTransaction /
+                                                                   OutOfOrderSequence
+8. Its time is within the policy's skew of the block time ....... StaleTransaction
+9. The contract handler accepts it .............................. ContractError subclasses
+
+Then the signer's sequence number and the handler's writes go into the block's
+state overlay. A block is the list of accepted transactions; its header commits
+to the log (RFC 9162 root), the world state (sparse Merkle root) and the
+previous block. Everything here is a pure function of the previous committed
+state and the ordered input: no clock, no randomness, no I/O beyond reads of the
+previous state, so every node derives byte-identical blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from medledger.contracts.base import Effects, Env, Registry, get_obj
+from medledger.contracts.core import check_signer, k_seq
+from medledger.encoding import encode
+from medledger.errors import (
+    OutOfOrderSequence,
+    ReplayedTransaction,
+    StaleTransaction,
+    TransactionRejected,
+)
+from medledger.ledger.block import ZERO_HASH, BlockHeader
+from medledger.ledger.tx import Transaction
+from medledger.merkle.compact import CompactRange
+from medledger.merkle.hasher import leaf_hash
+from medledger.state.base import StateReader
+from medledger.state.overlay import Overlay
+from medledger.state.smt import NodeStore, SparseMerkleTree
+
+__all__ = ["BlockResult", "ChainReader", "Rejection", "apply_tx", "build_block"]
+
+
+class ChainReader(StateReader, NodeStore, Protocol):
+    """What building a block needs to read from the previous committed state."""
+
+    def has_tx(self, tx_id: bytes) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    tx: Transaction
+    error: TransactionRejected
+
+
+@dataclass(slots=True)
+class BlockResult:
+    """Everything a store must write, atomically, to commit one block."""
+
+    header: BlockHeader
+    txs: list[Transaction]
+    receipts: list[bytes]  # canonical CBOR {"events": [...]} per accepted tx
+    tree_nodes: list[tuple[tuple[int, int], bytes]]
+    state_changes: dict[bytes, bytes | None]
+    smt_writes: dict[bytes, bytes | None]
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def apply_tx(
+    state: Overlay,
+    tx: Transaction,
+    *,
+    height: int,
+    block_time: int,
+    registry: Registry,
+    config: Mapping[str, Any],
+    seen: Callable[[bytes], bool],
+    signature_checked: bool = False,
+) -> Effects:
+    """Run the checklist above for one transaction and write its effects to ``state``.
+
+    On any rejection, ``state`` is unchanged (the caller's savepoint is rolled back).
+    """
+    sp = state.savepoint()
+    try:
+        tx.check_network(config["network"])
+        handler = registry.handler(tx.type, height)
+        if seen(tx.tx_id):
+            raise ReplayedTransaction(f"transaction {tx.tx_id.hex()} is already on the ledger")
+        if not signature_checked:
+            tx.verify_signature()
+        principal = check_signer(state, tx, height)
+        last = get_obj(state, k_seq(tx.signer)) or 0
+        if tx.seq <= last:
+            raise ReplayedTransaction(
+                f"sequence {tx.seq} of key {tx.signer.hex()} was already used (last {last})"
+            )
+        if tx.seq != last + 1:
+            raise OutOfOrderSequence(
+                f"sequence {tx.seq} of key {tx.signer.hex()} skips ahead (expected {last + 1})"
+            )
+        skew = int(config["policy"]["max_tx_skew_ms"])
+        if abs(tx.time - block_time) > skew:
+            raise StaleTransaction(
+                f"transaction time {tx.time} is more than {skew} ms from block time {block_time}"
+            )
+        env = Env(
+            network=tx.network,
+            height=height,
+            time=block_time,
+            tx_id=tx.tx_id,
+            signer=tx.signer,
+            principal=principal,
+            config=config,
+        )
+        fx = handler(state, tx, env)
+        state.put(k_seq(tx.signer), encode(tx.seq))
+        for key, value in fx.writes.items():
+            if value is None:
+                state.delete(key)
+            else:
+                state.put(key, value)
+    except TransactionRejected:
+        state.rollback(sp)
+        raise
+    except Exception:
+        state.rollback(sp)
+        raise
+    state.release(sp)
+    return fx
+
+
+def build_block(
+    prev: ChainReader,
+    prev_header: BlockHeader,
+    compact: CompactRange,
+    txs: Sequence[Transaction],
+    *,
+    block_time: int,
+    proposer: bytes,
+    registry: Registry,
+    config: Mapping[str, Any],
+    signatures_checked: bool = False,
+) -> BlockResult:
+    """Apply ``txs`` in order on top of ``prev`` and derive the next block.
+
+    ``compact`` is the log's compact range at ``prev_header.log_size``; it is
+    advanced in place (callers pass a copy if the block may be discarded).
+    Rejected transactions are left out and listed in ``rejected``.
+    """
+    height = prev_header.height + 1
+    block_time = max(block_time, prev_header.time)
+    overlay = Overlay(prev)
+    in_block: set[bytes] = set()
+
+    def seen(tx_id: bytes) -> bool:
+        return tx_id in in_block or prev.has_tx(tx_id)
+
+    accepted: list[Transaction] = []
+    receipts: list[bytes] = []
+    rejected: list[Rejection] = []
+    for tx in txs:
+        try:
+            fx = apply_tx(
+                overlay,
+                tx,
+                height=height,
+                block_time=block_time,
+                registry=registry,
+                config=config,
+                seen=seen,
+                signature_checked=signatures_checked,
+            )
+        except TransactionRejected as exc:
+            rejected.append(Rejection(tx, exc))
+            continue
+        in_block.add(tx.tx_id)
+        accepted.append(tx)
+        receipts.append(encode({"events": fx.events}))
+
+    tree_nodes: list[tuple[tuple[int, int], bytes]] = []
+    for tx in accepted:
+        tree_nodes.extend(compact.append(leaf_hash(tx.raw)))
+    changes = overlay.changes()
+    update = SparseMerkleTree(prev).update(changes)
+    header = BlockHeader(
+        network=prev_header.network,
+        height=height,
+        prev=prev_header.hash,
+        first=prev_header.log_size,
+        count=len(accepted),
+        log_size=compact.size,
+        log_root=compact.root(),
+        state_root=update.root,
+        time=block_time,
+        proposer=proposer,
+    )
+    return BlockResult(
+        header=header,
+        txs=accepted,
+        receipts=receipts,
+        tree_nodes=tree_nodes,
+        state_changes=changes,
+        smt_writes=dict(update.node_writes),
+        rejected=rejected,
+    )
+
+
+def genesis_header(
+    network: str, genesis_hash: bytes, state_root: bytes, time: int, empty_root: bytes
+) -> BlockHeader:
+    return BlockHeader(
+        network=network,
+        height=0,
+        prev=ZERO_HASH,
+        first=0,
+        count=0,
+        log_size=0,
+        log_root=empty_root,
+        state_root=state_root,
+        time=time,
+        proposer=b"",
+        genesis=genesis_hash,
+    )
+
+
+def effects_changes(effects: Iterable[Effects]) -> dict[bytes, bytes | None]:
+    out: dict[bytes, bytes | None] = {}
+    for fx in effects:
+        out.update(fx.writes)
+    return out

@@ -1,0 +1,368 @@
+"""The node: wires store, contracts, ledger and orderer together.
+
+This is the only module that owns long-running tasks and threads. All store
+access happens on one dedicated storage thread (stores are synchronous and not
+thread-safe); everything public here is ``async``.
+
+Lifecycle::
+
+    node = await Node.create(store_url, genesis_doc, signers=[...])   # once
+    node = await Node.open(store_url, signers=[...])                   # afterwards
+    await node.start()              # starts the orderer
+    receipt = await node.submit(tx) # returns once the tx's block is durable
+    await node.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time as _time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from medledger.contracts import make_registry
+from medledger.contracts.base import Registry
+from medledger.contracts.core import genesis_effects, normalise_genesis
+from medledger.crypto.signing import SigningKey
+from medledger.encoding import decode, encode
+from medledger.errors import IntegrityError, NotFoundError, StorageError, TransactionRejected
+from medledger.ledger.apply import BlockResult, build_block, genesis_header
+from medledger.ledger.block import BlockHeader
+from medledger.ledger.checkpoint import BlockRef, Checkpoint, sign_checkpoint
+from medledger.ledger.note import NoteSigner
+from medledger.ledger.tx import Transaction
+from medledger.merkle.compact import CompactRange, border_ids, root_from_border
+from medledger.merkle.hasher import EMPTY_ROOT, leaf_hash
+from medledger.merkle.proof import consistency_nodes, inclusion_nodes
+from medledger.state.smt import SparseMerkleTree
+from medledger.store import BlockRecord, LedgerStore, TxRecord, open_store
+
+__all__ = ["InclusionProof", "Node", "Receipt", "checkpoint_origin", "signer_name"]
+
+T = TypeVar("T")
+
+
+def checkpoint_origin(network: str) -> str:
+    """The checkpoint origin line of a network's log."""
+    return f"medledger/{network}"
+
+
+def signer_name(network: str, org: str) -> str:
+    """The signed-note key name of an organisation's node."""
+    return f"{network}/{org}"
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    """Proof of acceptance: the transaction is in a durable block at ``index``."""
+
+    tx_id: bytes
+    index: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class InclusionProof:
+    leaf_index: int
+    tree_size: int
+    leaf_hash: bytes
+    proof: list[bytes]
+    checkpoint: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "leaf_index": self.leaf_index,
+            "tree_size": self.tree_size,
+            "leaf_hash": self.leaf_hash.hex(),
+            "proof": [h.hex() for h in self.proof],
+            "checkpoint": self.checkpoint,
+        }
+
+
+class _Head:
+    """In-memory view of the last committed block, updated only after a commit."""
+
+    def __init__(self, header: BlockHeader, compact: CompactRange) -> None:
+        self.header = header
+        self.compact = compact
+
+
+class Node:
+    """One organisation's ledger node (or, embedded, every organisation's)."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        genesis: Mapping[str, Any],
+        signers: Sequence[tuple[str, SigningKey]],
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.store = store
+        self.genesis = genesis
+        self.network: str = genesis["network"]
+        self.origin = checkpoint_origin(self.network)
+        self.config: dict[str, Any] = decode(store.get(b"cfg/network") or encode({}))
+        self.registry: Registry = make_registry(self.config)
+        self.signers = list(signers)
+        self.proposer: SigningKey | None = self.signers[0][1] if self.signers else None
+        self.note_signers = [NoteSigner(signer_name(self.network, org), k) for org, k in signers]
+        self._io = executor
+        self._head: _Head | None = None
+        self._orderer: Any = None
+        self.clock: Callable[[], int] = lambda: int(_time.time() * 1000)
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    async def create(
+        cls,
+        store_url: str,
+        genesis_doc: Mapping[str, Any],
+        signers: Sequence[tuple[str, SigningKey]],
+    ) -> Node:
+        """Create a new ledger from a genesis document, writing block 0."""
+        genesis = normalise_genesis(genesis_doc)
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medledger-store")
+        loop = asyncio.get_running_loop()
+
+        def _create() -> LedgerStore:
+            store = open_store(store_url)
+            if store.head_height() is not None:
+                store.close()
+                raise StorageError(f"{store_url} already holds a ledger")
+            fx = genesis_effects(genesis)
+            changes = dict(fx.writes)
+            upd = SparseMerkleTree(store).update(changes)
+            ghash = hashlib.sha256(encode(genesis)).digest()
+            header = genesis_header(
+                genesis["network"], ghash, upd.root, genesis["time"], EMPTY_ROOT
+            )
+            store.set_meta("genesis", encode(genesis))
+            store.commit_block(
+                BlockRecord(0, header.to_bytes(), signers[0][1].sign(header.hash)),
+                [],
+                [],
+                changes,
+                dict(upd.node_writes),
+            )
+            return store
+
+        store = await loop.run_in_executor(io, _create)
+        node = cls(store, genesis, signers, io)
+        await node._load_head()
+        return node
+
+    @classmethod
+    async def open(cls, store_url: str, signers: Sequence[tuple[str, SigningKey]]) -> Node:
+        """Open an existing ledger."""
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medledger-store")
+        loop = asyncio.get_running_loop()
+
+        def _open() -> tuple[LedgerStore, dict[str, Any]]:
+            store = open_store(store_url)
+            raw = store.get_meta("genesis")
+            if raw is None or store.head_height() is None:
+                store.close()
+                raise StorageError(f"{store_url} holds no ledger (run `medledger init` first)")
+            return store, decode(raw)
+
+        store, genesis = await loop.run_in_executor(io, _open)
+        node = cls(store, genesis, signers, io)
+        await node._load_head()
+        return node
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._io, fn)
+
+    async def _load_head(self) -> None:
+        def _load() -> _Head:
+            height = self.store.head_height()
+            assert height is not None
+            rec = self.store.get_block(height)
+            assert rec is not None
+            header = BlockHeader.from_bytes(rec.header)
+            compact = CompactRange.from_hashes(
+                header.log_size, self.store.get_tree_nodes(border_ids(header.log_size))
+            )
+            if compact.root() != header.log_root:
+                raise IntegrityError(
+                    f"stored tree nodes do not match the log root of block {height}"
+                )
+            return _Head(header, compact)
+
+        self._head = await self._run(_load)
+
+    @property
+    def head(self) -> BlockHeader:
+        assert self._head is not None
+        return self._head.header
+
+    # -- ordering and commit -----------------------------------------------------------
+    async def start(self, *, max_batch: int = 2000, max_wait: float = 0.005) -> None:
+        from medledger.orderer.embedded import EmbeddedOrderer
+
+        if self.proposer is None:
+            raise RuntimeError("this node was opened read-only (no node key)")
+        if self._orderer is None:
+            self._orderer = EmbeddedOrderer(self, max_batch=max_batch, max_wait=max_wait)
+            await self._orderer.start()
+
+    async def close(self) -> None:
+        if self._orderer is not None:
+            await self._orderer.stop()
+            self._orderer = None
+        await self._run(self.store.close)
+        self._io.shutdown(wait=True)
+
+    async def submit(self, tx: Transaction | bytes) -> Receipt:
+        """Submit a transaction; return once it is committed in a durable block.
+
+        Raises a :class:`TransactionRejected` subclass if it is refused.
+        """
+        if isinstance(tx, (bytes, bytearray)):
+            tx = Transaction.from_bytes(bytes(tx))
+        if self._orderer is None:
+            raise RuntimeError("node not started")
+        receipt: Receipt = await self._orderer.submit(tx)
+        return receipt
+
+    async def commit_batch(self, txs: Sequence[Transaction]) -> list[Receipt | TransactionRejected]:
+        """Build, sign and durably commit one block from ``txs`` (orderer callback)."""
+        block_time = self.clock()
+        return await self._run(lambda: self._commit_sync(txs, block_time))
+
+    def _commit_sync(
+        self, txs: Sequence[Transaction], block_time: int
+    ) -> list[Receipt | TransactionRejected]:
+        head = self._head
+        assert head is not None and self.proposer is not None
+        compact = head.compact.copy()
+        result = build_block(
+            self.store,
+            head.header,
+            compact,
+            txs,
+            block_time=block_time,
+            proposer=self.proposer.key_id,
+            registry=self.registry,
+            config=self.config,
+        )
+        rejected = {id(r.tx): r.error for r in result.rejected}
+        if not result.txs:
+            return [rejected[id(tx)] for tx in txs]
+        self._write_block(result)
+        head.header, head.compact = result.header, compact
+        out: list[Receipt | TransactionRejected] = []
+        positions = {tx.tx_id: result.header.first + i for i, tx in enumerate(result.txs)}
+        for tx in txs:
+            if id(tx) in rejected:
+                out.append(rejected[id(tx)])
+            else:
+                out.append(Receipt(tx.tx_id, positions[tx.tx_id], result.header.height))
+        return out
+
+    def _write_block(self, result: BlockResult) -> None:
+        header = result.header
+        assert self.proposer is not None
+        sig = header.sign(self.proposer)
+        note = self._sign_checkpoint(header)
+        records = [
+            TxRecord(header.first + i, tx.tx_id, header.height, tx.raw, rc)
+            for i, (tx, rc) in enumerate(zip(result.txs, result.receipts, strict=True))
+        ]
+        self.store.commit_block(
+            BlockRecord(header.height, header.to_bytes(), sig),
+            records,
+            result.tree_nodes,
+            result.state_changes,
+            result.smt_writes,
+            checkpoint=note,
+        )
+
+    def _sign_checkpoint(self, header: BlockHeader) -> str:
+        cp = Checkpoint.for_block(
+            self.origin,
+            header.log_size,
+            header.log_root,
+            BlockRef(header.height, header.hash, header.state_root),
+        )
+        return sign_checkpoint(cp, self.note_signers)
+
+    # -- queries -------------------------------------------------------------------------
+    async def checkpoint(self) -> str:
+        """The latest signed checkpoint note (signing one for genesis if none yet)."""
+
+        def _get() -> str:
+            got = self.store.get_checkpoint()
+            if got is not None:
+                return got[1]
+            return self._sign_checkpoint(self.head)
+
+        return await self._run(_get)
+
+    def verifier_keys(self) -> list[str]:
+        return [s.verifier_key() for s in self.note_signers]
+
+    async def get_tx(self, tx_id: bytes) -> TxRecord:
+        rec = await self._run(lambda: self.store.get_tx(tx_id))
+        if rec is None:
+            raise NotFoundError(f"transaction {tx_id.hex()} is not on the ledger")
+        return rec
+
+    async def list_txs(self, start: int = 0, limit: int = 100) -> list[TxRecord]:
+        return await self._run(lambda: list(self.store.iter_txs(start, start + limit)))
+
+    async def get_block(self, height: int) -> tuple[BlockHeader, bytes]:
+        rec = await self._run(lambda: self.store.get_block(height))
+        if rec is None:
+            raise NotFoundError(f"block {height} does not exist")
+        return BlockHeader.from_bytes(rec.header), rec.sig
+
+    async def state_get(self, key: bytes) -> bytes | None:
+        return await self._run(lambda: self.store.get(key))
+
+    async def state_scan(
+        self, prefix: bytes, limit: int | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        return await self._run(lambda: list(self.store.scan(prefix, limit=limit)))
+
+    async def inclusion_proof(self, tx_id: bytes) -> InclusionProof:
+        """Inclusion proof of a transaction against the latest signed checkpoint."""
+
+        def _prove() -> InclusionProof:
+            rec = self.store.get_tx(tx_id)
+            if rec is None:
+                raise NotFoundError(f"transaction {tx_id.hex()} is not on the ledger")
+            got = self.store.get_checkpoint()
+            assert got is not None  # a committed tx implies a checkpoint
+            note = got[1]
+            size = Checkpoint.parse(note.split("\n\n", 1)[0] + "\n").size
+            nodes = inclusion_nodes(rec.index, size)
+            proof = nodes.rehash(self.store.get_tree_nodes(nodes.ids))
+            return InclusionProof(rec.index, size, leaf_hash(rec.raw), proof, note)
+
+        return await self._run(_prove)
+
+    async def consistency_proof(self, size1: int, size2: int) -> tuple[bytes, bytes, list[bytes]]:
+        """(root1, root2, proof) for log sizes ``size1 <= size2`` (both committed)."""
+
+        def _prove() -> tuple[bytes, bytes, list[bytes]]:
+            if size2 > self.head.log_size:
+                raise NotFoundError(f"the log has only {self.head.log_size} entries")
+            nodes = consistency_nodes(size1, size2)
+            proof = nodes.rehash(self.store.get_tree_nodes(nodes.ids))
+            return self._root_at(size1), self._root_at(size2), proof
+
+        return await self._run(_prove)
+
+    def _root_at(self, size: int) -> bytes:
+        return root_from_border(self.store.get_tree_nodes(border_ids(size)))
+
+    async def root_at(self, size: int) -> bytes:
+        return await self._run(lambda: self._root_at(size))
+
+
+def rejected_reason(exc: TransactionRejected) -> str:
+    return f"{exc.code}: {exc}"
