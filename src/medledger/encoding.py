@@ -39,26 +39,40 @@ _INT_MIN = -(2**64)
 _INT_MAX = 2**64 - 1
 
 
+_SCALARS = (type(None), bool, bytes, str)
+
+
 def _check(value: object, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise EncodingError(f"nesting deeper than {MAX_DEPTH}")
-    if value is None or isinstance(value, (bool, bytes, str)):
+    """Refuse anything outside the data model (exact types: fast on the hot path)."""
+    t = type(value)
+    if t in _SCALARS:
         return
-    if isinstance(value, int):
-        if not _INT_MIN <= value <= _INT_MAX:
+    if t is int:
+        if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
             raise EncodingError("integer out of CBOR range")
         return
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _check(item, depth + 1)
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
+    if depth >= MAX_DEPTH:
+        raise EncodingError(f"nesting deeper than {MAX_DEPTH}")
+    if t is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
                 raise EncodingError(f"map key must be text, got {type(key).__name__}")
-            _check(item, depth + 1)
+            if type(item) not in _SCALARS:
+                _check(item, depth + 1)
         return
-    raise EncodingError(f"type {type(value).__name__} is not encodable")
+    if t is list or t is tuple:
+        for item in value:  # type: ignore[attr-defined]
+            if type(item) not in _SCALARS:
+                _check(item, depth + 1)
+        return
+    if t is float:
+        raise EncodingError("floating-point numbers are not allowed")
+    if isinstance(value, (bool, bytes, str)):
+        return
+    if isinstance(value, int):
+        _check(int(value), depth)
+        return
+    raise EncodingError(f"type {t.__name__} is not encodable")
 
 
 def encode(value: Value) -> bytes:
@@ -141,7 +155,24 @@ def decode(data: bytes) -> Value:
 
 
 def _thaw(value: object) -> object:
-    """Turn cbor2's decoded containers into plain lists / dicts, rejecting floats."""
+    """Turn cbor2's decoded containers into plain lists / dicts, rejecting floats.
+
+    cbor2 already returns ``dict`` and ``list`` for maps and arrays; only other
+    container types (frozen maps used as keys, tuples) need converting.
+    """
+    t = type(value)
+    if t is dict:
+        for k, v in value.items():  # type: ignore[attr-defined]
+            if type(v) in (dict, list) or type(v) not in _SCALARS:
+                value[k] = _thaw(v)  # type: ignore[index]
+        return value
+    if t is list:
+        for i, v in enumerate(value):  # type: ignore[arg-type]
+            if type(v) in (dict, list) or type(v) not in _SCALARS:
+                value[i] = _thaw(v)  # type: ignore[index]
+        return value
+    if t in _SCALARS or t is int:
+        return value
     if isinstance(value, float):
         raise EncodingError("floating-point numbers are not allowed")
     if isinstance(value, Mapping):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time as _time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -82,6 +82,55 @@ class InclusionProof:
         }
 
 
+class _ReadCache:
+    """Read-through cache of committed state rows and state-tree nodes.
+
+    The node's storage thread is the only writer, so the cache is updated with a
+    block's changes right after that block commits, and is never stale. It is
+    bounded: when full it is simply cleared.
+    """
+
+    def __init__(self, store: LedgerStore, limit: int = 500_000) -> None:
+        self.store = store
+        self.limit = limit
+        self.rows: dict[bytes, bytes | None] = {}
+        self.nodes: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        try:
+            return self.rows[key]
+        except KeyError:
+            value = self.store.get(key)
+            if len(self.rows) >= self.limit:
+                self.rows.clear()
+            self.rows[key] = value
+            return value
+
+    def scan(
+        self, prefix: bytes, *, start: bytes | None = None, limit: int | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        return self.store.scan(prefix, start=start, limit=limit)
+
+    def get_node(self, node_key: bytes) -> bytes | None:
+        try:
+            return self.nodes[node_key]
+        except KeyError:
+            value = self.store.get_node(node_key)
+            if len(self.nodes) >= self.limit:
+                self.nodes.clear()
+            self.nodes[node_key] = value
+            return value
+
+    def has_tx(self, tx_id: bytes) -> bool:
+        return self.store.has_tx(tx_id)
+
+    def committed(
+        self, rows: Mapping[bytes, bytes | None], nodes: Mapping[bytes, bytes | None]
+    ) -> None:
+        self.rows.update(rows)
+        self.nodes.update(nodes)
+
+
 class _Head:
     """In-memory view of the last committed block, updated only after a commit."""
 
@@ -110,6 +159,7 @@ class Node:
         self.proposer: SigningKey | None = self.signers[0][1] if self.signers else None
         self.note_signers = [NoteSigner(signer_name(self.network, org), k) for org, k in signers]
         self._io = executor
+        self._cache = _ReadCache(store)
         self._head: _Head | None = None
         self._orderer: Any = None
         self.clock: Callable[[], int] = lambda: int(_time.time() * 1000)
@@ -240,7 +290,7 @@ class Node:
         assert head is not None and self.proposer is not None
         compact = head.compact.copy()
         result = build_block(
-            self.store,
+            self._cache,
             head.header,
             compact,
             txs,
@@ -280,6 +330,7 @@ class Node:
             result.smt_writes,
             checkpoint=note,
         )
+        self._cache.committed(result.state_changes, result.smt_writes)
 
     def _sign_checkpoint(self, header: BlockHeader) -> str:
         cp = Checkpoint.for_block(

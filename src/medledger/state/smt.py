@@ -76,7 +76,22 @@ levels for 100k keys) against ``log2 n`` (17) for a binary tree: a key update
 costs ~4-5 hashes of ~513-byte buffers (one ``hashlib`` call each) instead of
 ~17 hashes of 65-byte buffers plus 4x the node reads, node encodings and
 Python-level loop iterations. The price is bigger proofs (up to 15 sibling
-hashes per level, sent as a bitmap plus the non-empty ones).
+hashes per level, sent as a bitmap plus the non-empty ones). Measured with
+``bench/bench_state.py`` (batches of 1000 keys into a 100k-key tree): about 4.5
+SHA-256 calls and 2.9 node reads per changed key, including hashing the key and
+the value, and 60-70k keys/s on one CPython core.
+
+Update semantics
+================
+
+``update`` takes state keys (not hashes). Deleting an absent key and rewriting
+a value unchanged are no-ops and produce no node writes; internal nodes whose
+encoding is unchanged are not rewritten. A deletion that leaves a subtree with
+a single leaf moves that leaf up to the shallowest position where it is unique,
+deleting the internal nodes and old leaf position it leaves behind, so the
+stored node set is always exactly the canonical one for the current key set.
+A missing or malformed node met on the way raises
+:class:`~medledger.errors.IntegrityError`.
 """
 
 from __future__ import annotations
