@@ -278,6 +278,13 @@ class Node:
         receipt: Receipt = await self._orderer.submit(tx)
         return receipt
 
+    def enqueue(self, tx: Transaction) -> asyncio.Future[Receipt]:
+        """Queue a transaction in submission order; await the future for its receipt."""
+        if self._orderer is None:
+            raise RuntimeError("node not started")
+        fut: asyncio.Future[Receipt] = self._orderer.enqueue(tx)
+        return fut
+
     async def commit_batch(self, txs: Sequence[Transaction]) -> list[Receipt | TransactionRejected]:
         """Build, sign and durably commit one block from ``txs`` (orderer callback)."""
         block_time = self.clock()
@@ -299,18 +306,20 @@ class Node:
             registry=self.registry,
             config=self.config,
         )
-        rejected = {id(r.tx): r.error for r in result.rejected}
+        # keyed by position, not id(tx): the same object may be submitted twice in a batch
+        rejected = {r.position: r.error for r in result.rejected}
         if not result.txs:
-            return [rejected[id(tx)] for tx in txs]
+            return [rejected[i] for i in range(len(txs))]
         self._write_block(result)
         head.header, head.compact = result.header, compact
         out: list[Receipt | TransactionRejected] = []
-        positions = {tx.tx_id: result.header.first + i for i, tx in enumerate(result.txs)}
-        for tx in txs:
-            if id(tx) in rejected:
-                out.append(rejected[id(tx)])
+        index = result.header.first
+        for i, tx in enumerate(txs):
+            if i in rejected:
+                out.append(rejected[i])
             else:
-                out.append(Receipt(tx.tx_id, positions[tx.tx_id], result.header.height))
+                out.append(Receipt(tx.tx_id, index, result.header.height))
+                index += 1
         return out
 
     def _write_block(self, result: BlockResult) -> None:

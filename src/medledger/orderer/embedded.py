@@ -51,12 +51,16 @@ class EmbeddedOrderer:
             if not fut.done():
                 fut.set_exception(OrdererError("the node is shutting down; not committed"))
 
-    async def submit(self, tx: Transaction) -> Receipt:
+    def enqueue(self, tx: Transaction) -> asyncio.Future[Receipt]:
+        """Queue ``tx`` now (keeping submission order); the future resolves on commit."""
         if self._closed or self._task is None:
             raise OrdererError("the orderer is not running; not committed")
         fut: asyncio.Future[Receipt] = asyncio.get_running_loop().create_future()
-        await self._queue.put((tx, fut))
-        return await fut
+        self._queue.put_nowait((tx, fut))
+        return fut
+
+    async def submit(self, tx: Transaction) -> Receipt:
+        return await self.enqueue(tx)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
