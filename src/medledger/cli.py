@@ -41,8 +41,10 @@ proof_app = typer.Typer(help="Produce Merkle proofs.", no_args_is_help=True)
 app.add_typer(tx_app, name="tx")
 app.add_typer(proof_app, name="proof")
 
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
+# soft_wrap: never wrap at the (default 80-column) width when not on a terminal, so an
+# error stays one line and printed notes / ids stay intact when piped
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
 
 DataDirOpt = Annotated[
     Path | None,
@@ -152,7 +154,7 @@ async def verify(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
             f"{report.checkpoints} checkpoints verified; log root {report.log_root}"
         )
     else:
-        err.print(f"verify FAILED: {report.failure}")
+        err.print(f"verify FAILED: {report.failure}", markup=False)
     if not report.ok:
         raise typer.Exit(1)
 
@@ -310,14 +312,19 @@ def demo(
         raise typer.Exit(1)
 
 
+from medledger.cli_admin import register as _register_admin  # noqa: E402
+
+_register_admin(app)
+
+
 def main() -> None:
     try:
         app()
     except CliError as exc:
-        err.print(f"error: {exc}")
+        err.print(f"error: {exc}", markup=False)
         sys.exit(2)
     except MedledgerError as exc:
-        err.print(f"error: {exc.code}: {exc}")
+        err.print(f"error: {exc.code}: {exc}", markup=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -171,7 +171,52 @@ class DataDir:
         )
         return node
 
+    def org_ids(self) -> list[str]:
+        """The organisations this node acts for (all of them in an embedded network)."""
+        cfg = self.config()
+        orgs: list[str] = cfg.get("orgs") or [cfg["org"]]
+        return orgs
+
+    def org_keys(self) -> dict[str, Identity]:
+        return {org: self.identity(f"node-{org}") for org in self.org_ids()}
+
     async def open_node(self, *, read_only: bool = False) -> Node:
         cfg = self.config()
-        signers = [] if read_only else [(cfg["org"], self.identity(cfg["node_key"]).signing)]
+        signers = (
+            [] if read_only else [(org, ident.signing) for org, ident in self.org_keys().items()]
+        )
         return await Node.open(cfg["store"], signers)
+
+    async def init_embedded(
+        self,
+        *,
+        network: str,
+        orgs: Sequence[tuple[str, str]],
+        policy: dict[str, Any] | None = None,
+        store: str | None = None,
+    ) -> Node:
+        """An embedded network: every organisation's node key held by this one node."""
+        if self.exists():
+            raise DataDirError(f"{self.path} is already initialised")
+        self.path.mkdir(parents=True, exist_ok=True)
+        ks = self.keystore
+        pp = self.passphrase()
+        nodes = [(oid, name, ks.create(f"node-{oid}", pp)) for oid, name in orgs]
+        admins = [(f"admin-{oid}", oid, ks.create(f"admin-{oid}", pp)) for oid, _ in orgs]
+        genesis = make_genesis(network, nodes, admins, policy=policy)
+        store_url = store or f"sqlite:///{(self.path / 'ledger.db').resolve()}"
+        node = await Node.create(store_url, genesis, [(oid, i.signing) for oid, _, i in nodes])
+        self.write_json(self.genesis_file, genesis)
+        self.write_json(
+            self.config_file,
+            {
+                "format": 1,
+                "network": network,
+                "org": orgs[0][0],
+                "orgs": [oid for oid, _ in orgs],
+                "store": store_url,
+                "node_key": f"node-{orgs[0][0]}",
+                "admin_key": f"admin-{orgs[0][0]}",
+            },
+        )
+        return node

@@ -37,6 +37,7 @@ from medledger.ledger.tx import Transaction
 from medledger.merkle.compact import CompactRange, border_ids, root_from_border
 from medledger.merkle.hasher import EMPTY_ROOT, leaf_hash
 from medledger.merkle.proof import consistency_nodes, inclusion_nodes
+from medledger.state.base import StateReader
 from medledger.state.smt import SparseMerkleTree
 from medledger.store import BlockRecord, LedgerStore, TxRecord, open_store
 
@@ -379,6 +380,10 @@ class Node:
         if rec is None:
             raise NotFoundError(f"block {height} does not exist")
         return BlockHeader.from_bytes(rec.header), rec.sig
+
+    async def read(self, fn: Callable[[StateReader], T]) -> T:
+        """Run a pure read ``fn(committed_state)`` on the storage thread (a consistent view)."""
+        return await self._run(lambda: fn(self._cache))
 
     async def state_get(self, key: bytes) -> bytes | None:
         return await self._run(lambda: self.store.get(key))
