@@ -439,6 +439,63 @@ def access_check(
     )
 
 
+breakglass_app = typer.Typer(help="Emergency (break-glass) access.", no_args_is_help=True)
+
+
+@breakglass_app.command("declare")
+def breakglass_declare(
+    actor: Annotated[str, typer.Option("--actor", help="Emergency clinician id.")],
+    patient: Annotated[str, typer.Option("--patient")],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why (required, no identifying details).")
+    ],
+    rtype: Annotated[
+        list[str], typer.Option("--type", help="FHIR resource type (repeatable).")
+    ] = [],  # noqa: B006
+    data_dir: DataDirOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Declare an emergency: opens a time-limited access window and a mandatory review."""
+    if not reason.strip():
+        raise AdminError("--reason must not be empty")
+
+    async def go() -> dict[str, Any]:
+        async with session(data_dir) as s:
+            r = await s.submitter.submit(
+                s.identity(actor).signing,
+                "breakglass.declare",
+                {"patient": patient, "reason": reason, "resource_types": rtype},
+            )
+            return {"id": r.tx_id.hex(), "index": r.index}
+
+    doc = _run(go())
+    _emit(doc, json_, f"break-glass declared: {doc['id']} (review required)")
+
+
+@breakglass_app.command("review")
+def breakglass_review(
+    bid: Annotated[str, typer.Argument(help="Declaration id.")],
+    reviewer: Annotated[str, typer.Option("--as", help="Privacy officer id.")],
+    outcome: Annotated[str, typer.Option(help="justified or unjustified")],
+    note: Annotated[str, typer.Option(help="Review note.")] = "",
+    data_dir: DataDirOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Close a break-glass review (signed by the organisation's privacy officer)."""
+
+    async def go() -> dict[str, Any]:
+        async with session(data_dir) as s:
+            r = await s.submitter.submit(
+                s.identity(reviewer).signing,
+                "breakglass.review",
+                {"id": bid, "outcome": outcome, "note": note},
+            )
+            return {"id": bid, "outcome": outcome, "index": r.index}
+
+    doc = _run(go())
+    _emit(doc, json_, f"review of {bid} closed: {outcome}")
+
+
 def audit(
     patient: Annotated[str, typer.Option("--patient")],
     data_dir: DataDirOpt = None,
@@ -478,4 +535,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(patient_app, name="patient")
     app.add_typer(consent_app, name="consent")
     app.add_typer(access_app, name="access")
+    app.add_typer(breakglass_app, name="breakglass")
     app.command("audit")(audit)
