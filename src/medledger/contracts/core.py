@@ -319,7 +319,7 @@ def key_rotate(state: StateReader, tx: Transaction, env: Env) -> Effects:
         raise Conflict("the new key is already registered")
     fx = Effects()
     old = get_obj(state, k_key(tx.signer))
-    old["until"] = env.height + 1  # valid for this transaction, none after this block
+    old["until"] = env.height  # signed this transaction; signs nothing after it
     fx.put(k_key(tx.signer), old)
     principal = dict(env.principal)
     principal["keys"] = [*principal["keys"], new_kid.hex()]
@@ -330,7 +330,7 @@ def key_rotate(state: StateReader, tx: Transaction, env: Env) -> Effects:
             "pub": new_pub,
             "alg": ALG_ED25519,
             "principal": principal["id"],
-            "from": env.height + 1,
+            "from": env.height,
             "until": None,
         },
     )

@@ -58,6 +58,7 @@ class ChainReader(StateReader, NodeStore, Protocol):
 class Rejection:
     tx: Transaction
     error: TransactionRejected
+    position: int = -1  # index of the transaction in the input sequence of build_block
 
 
 @dataclass(slots=True)
@@ -166,7 +167,7 @@ def build_block(
     accepted: list[Transaction] = []
     receipts: list[bytes] = []
     rejected: list[Rejection] = []
-    for tx in txs:
+    for position, tx in enumerate(txs):
         try:
             fx = apply_tx(
                 overlay,
@@ -179,7 +180,7 @@ def build_block(
                 signature_checked=signatures_checked,
             )
         except TransactionRejected as exc:
-            rejected.append(Rejection(tx, exc))
+            rejected.append(Rejection(tx, exc, position))
             continue
         in_block.add(tx.tx_id)
         accepted.append(tx)

@@ -252,7 +252,7 @@ def _verify(
         )
         if result.rejected:
             bad = result.rejected[0]
-            index = header.first + txs.index(bad.tx)
+            index = header.first + bad.position
             raise _fail(
                 "tx",
                 f"re-applying the transaction fails: {bad.error.code}: {bad.error}",
@@ -288,6 +288,10 @@ def _verify(
         if progress is not None:
             progress(height, head)
 
+    # checked first: a truncated chain (last block deleted) shows up here, by index
+    extra = store.get_tx_at(prev.log_size)
+    if extra is not None:
+        raise _fail("tx", "a transaction is stored beyond the last block", index=extra.index)
     _compare_rows("state row", store.iter_state(), replay.state.items())
     _compare_rows("state tree node", store.iter_nodes(), replay.nodes.nodes)
     stored_tree = {(lv, ix): h for lv, ix, h in store.iter_tree_nodes()}
@@ -296,9 +300,6 @@ def _verify(
             k for k in set(stored_tree) | set(tree_nodes) if stored_tree.get(k) != tree_nodes.get(k)
         )
         raise _fail("log tree node", f"stored log tree node (level, index) {wrong[0]} is wrong")
-    extra = store.get_tx_at(prev.log_size)
-    if extra is not None:
-        raise _fail("tx", "a transaction is stored beyond the last block", index=extra.index)
 
     verifiers = _verifiers(replay.state, genesis["network"])
     origin = f"medledger/{genesis['network']}"
