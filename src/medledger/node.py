@@ -28,7 +28,13 @@ from medledger.contracts.base import Registry
 from medledger.contracts.core import genesis_effects, normalise_genesis
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode, encode
-from medledger.errors import IntegrityError, NotFoundError, StorageError, TransactionRejected
+from medledger.errors import (
+    BadTransactionSignature,
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+    TransactionRejected,
+)
 from medledger.ledger.apply import BlockResult, build_block, genesis_header
 from medledger.ledger.block import BlockHeader
 from medledger.ledger.checkpoint import BlockRef, Checkpoint, sign_checkpoint
@@ -251,13 +257,17 @@ class Node:
         return self._head.header
 
     # -- ordering and commit -----------------------------------------------------------
-    async def start(self, *, max_batch: int = 2000, max_wait: float = 0.005) -> None:
+    async def start(
+        self, *, max_batch: int = 2000, max_wait: float = 0.005, verify_workers: int = 1
+    ) -> None:
         from medledger.orderer.embedded import EmbeddedOrderer
 
         if self.proposer is None:
             raise RuntimeError("this node was opened read-only (no node key)")
         if self._orderer is None:
-            self._orderer = EmbeddedOrderer(self, max_batch=max_batch, max_wait=max_wait)
+            self._orderer = EmbeddedOrderer(
+                self, max_batch=max_batch, max_wait=max_wait, verify_workers=verify_workers
+            )
             await self._orderer.start()
 
     async def close(self) -> None:
@@ -286,29 +296,52 @@ class Node:
         fut: asyncio.Future[Receipt] = self._orderer.enqueue(tx)
         return fut
 
-    async def commit_batch(self, txs: Sequence[Transaction]) -> list[Receipt | TransactionRejected]:
-        """Build, sign and durably commit one block from ``txs`` (orderer callback)."""
+    async def commit_batch(
+        self, txs: Sequence[Transaction], signatures: Sequence[bool] | None = None
+    ) -> list[Receipt | TransactionRejected]:
+        """Build, sign and durably commit one block from ``txs`` (orderer callback).
+
+        ``signatures``, when given, holds the already checked validity of each
+        transaction's signature (see :func:`medledger.ledger.tx.check_signatures`).
+        """
         block_time = self.clock()
-        return await self._run(lambda: self._commit_sync(txs, block_time))
+        return await self._run(lambda: self._commit_sync(txs, block_time, signatures))
 
     def _commit_sync(
-        self, txs: Sequence[Transaction], block_time: int
+        self,
+        txs: Sequence[Transaction],
+        block_time: int,
+        signatures: Sequence[bool] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         head = self._head
         assert head is not None and self.proposer is not None
         compact = head.compact.copy()
+        # keyed by position, not id(tx): the same object may be submitted twice in a batch
+        rejected: dict[int, TransactionRejected] = {}
+        candidates: list[Transaction] = list(txs)
+        positions = list(range(len(txs)))
+        if signatures is not None:
+            candidates, positions = [], []
+            for i, (tx, ok) in enumerate(zip(txs, signatures, strict=True)):
+                if ok:
+                    candidates.append(tx)
+                    positions.append(i)
+                else:
+                    rejected[i] = BadTransactionSignature(
+                        f"signature of transaction {tx.tx_id.hex()} does not verify"
+                    )
         result = build_block(
             self._cache,
             head.header,
             compact,
-            txs,
+            candidates,
             block_time=block_time,
             proposer=self.proposer.key_id,
             registry=self.registry,
             config=self.config,
+            signatures_checked=signatures is not None,
         )
-        # keyed by position, not id(tx): the same object may be submitted twice in a batch
-        rejected = {r.position: r.error for r in result.rejected}
+        rejected.update({positions[r.position]: r.error for r in result.rejected})
         if not result.txs:
             return [rejected[i] for i in range(len(txs))]
         self._write_block(result)

@@ -96,9 +96,7 @@ class BlockHeader:
         try:
             VerifyKey(pub).verify(sig, self.hash)
         except InvalidSignature:
-            raise IntegrityError(
-                f"block {self.height}: proposer signature does not verify"
-            ) from None
+            raise IntegrityError("proposer signature does not verify") from None
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> BlockHeader:

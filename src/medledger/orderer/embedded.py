@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from medledger.errors import OrdererError, TransactionRejected
+from medledger.ledger.tx import check_signatures
 
 if TYPE_CHECKING:
     from medledger.ledger.tx import Transaction
@@ -25,9 +29,20 @@ _Item = tuple["Transaction", "asyncio.Future[Receipt]"]
 
 
 class EmbeddedOrderer:
-    def __init__(self, node: Node, *, max_batch: int = 2000, max_wait: float = 0.005) -> None:
-        if max_batch < 1 or max_wait < 0:
-            raise ValueError("max_batch must be >= 1 and max_wait >= 0")
+    def __init__(
+        self,
+        node: Node,
+        *,
+        max_batch: int = 2000,
+        max_wait: float = 0.005,
+        verify_workers: int = 1,
+        parallel_threshold: int = 64,
+    ) -> None:
+        if max_batch < 1 or max_wait < 0 or verify_workers < 0:
+            raise ValueError("max_batch must be >= 1, max_wait and verify_workers >= 0")
+        self._verify_workers = verify_workers
+        self._parallel_threshold = parallel_threshold
+        self._pool: ProcessPoolExecutor | None = None
         self._node = node
         self._max_batch = max_batch
         self._max_wait = max_wait
@@ -46,6 +61,9 @@ class EmbeddedOrderer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         while not self._queue.empty():
             _, fut = self._queue.get_nowait()
             if not fut.done():
@@ -62,27 +80,64 @@ class EmbeddedOrderer:
     async def submit(self, tx: Transaction) -> Receipt:
         return await self.enqueue(tx)
 
-    async def _run(self) -> None:
+    async def _collect(self) -> list[_Item]:
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self._max_wait
-            while len(batch) < self._max_batch:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                except TimeoutError:
-                    break
-            await self._commit(batch)
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self._max_wait
+        while len(batch) < self._max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+            except TimeoutError:
+                break
+        return batch
 
-    async def _commit(self, batch: list[_Item]) -> None:
+    async def _verify(self, batch: list[_Item]) -> list[bool] | None:
+        """Check the batch's signatures in a worker process (None: let the node check inline).
+
+        Ed25519 verification holds the GIL, so a second process is the only way to
+        use the second core; small batches are not worth the round trip.
+        """
+        if self._verify_workers == 0 or len(batch) < self._parallel_threshold:
+            return None
         try:
-            results = await self._node.commit_batch([tx for tx, _ in batch])
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self._verify_workers, mp_context=mp.get_context("spawn")
+                )
+            raws = [tx.raw for tx, _ in batch]
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, check_signatures, raws)
+        except (BrokenProcessPool, OSError):
+            self._verify_workers = 0  # fall back to checking inline from now on
+            return None
+
+    async def _run(self) -> None:
+        # Pipeline: while block N commits on the storage thread, the signatures of
+        # batch N+1 are checked in the worker process. Blocks still commit one at a
+        # time, in submission order.
+        committing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                batch = await self._collect()
+                verdicts = await self._verify(batch)
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._commit(batch, verdicts))
+        finally:
+            if committing is not None and not committing.done():
+                committing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await committing
+
+    async def _commit(self, batch: list[_Item], verdicts: list[bool] | None) -> None:
+        try:
+            results = await self._node.commit_batch([tx for tx, _ in batch], verdicts)
         except asyncio.CancelledError:
             for _, fut in batch:
                 if not fut.done():
