@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medledger.datadir import DataDir
-from medledger.ledger.checkpoint import Checkpoint, verify_checkpoint
+from medledger.ledger.checkpoint import verify_checkpoint
 from medledger.ledger.note import NoteVerifier
 from medledger.ledger.tx import make_tx
 from medledger.ledger.verify import verify_ledger
@@ -103,7 +103,7 @@ async def run_demo(
 
         target = txs[count // 3]
         proof = await node.inclusion_proof(target.tx_id)
-        cp_for_proof = Checkpoint.parse(proof.checkpoint.split("\n\n", 1)[0] + "\n")
+        cp_for_proof = verify_checkpoint(proof.checkpoint, verifiers, origin=node.origin)
         verify_inclusion(
             proof.leaf_index, proof.tree_size, proof.leaf_hash, proof.proof, cp_for_proof.root
         )

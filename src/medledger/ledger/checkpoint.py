@@ -31,6 +31,7 @@ from medledger.ledger.note import (
     NoteSigner,
     NoteVerifier,
     b64decode_strict,
+    note_text,
     open_note,
     sign_note,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "MAX_TREE_SIZE",
     "BlockRef",
     "Checkpoint",
+    "checkpoint_of",
     "sign_checkpoint",
     "verify_checkpoint",
 ]
@@ -220,6 +222,14 @@ class Checkpoint:
             _parse_hash(root, "root hash"),
             tuple(extensions),
         )
+
+
+def checkpoint_of(note: str | bytes) -> Checkpoint:
+    """The checkpoint a signed note carries, signatures *not* checked.
+
+    To trust it, use :func:`verify_checkpoint` with the verifier keys.
+    """
+    return Checkpoint.parse(note_text(note))
 
 
 def sign_checkpoint(cp: Checkpoint, signers: Iterable[NoteSigner]) -> str:

@@ -55,6 +55,7 @@ __all__ = [
     "b64decode_strict",
     "is_valid_key_name",
     "key_hash",
+    "note_text",
     "open_note",
     "sign_note",
 ]
@@ -314,6 +315,15 @@ def _split(note: str | bytes) -> tuple[str, list[tuple[str, Signature]]]:
     if len(lines) > MAX_SIGNATURES:
         raise CheckpointError(f"malformed note: more than {MAX_SIGNATURES} signatures")
     return text, [(line, Signature.parse_line(line)) for line in lines]
+
+
+def note_text(note: str | bytes) -> str:
+    """The text of a well-formed signed note, *without* checking any signature.
+
+    For reading what a note says (e.g. the tree size a proof was built for);
+    use :func:`open_note` to trust it.
+    """
+    return _split(note)[0]
 
 
 def _index(verifiers: Iterable[NoteVerifier]) -> dict[tuple[str, bytes], list[NoteVerifier]]:
