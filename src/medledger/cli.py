@@ -21,6 +21,7 @@ from rich.console import Console
 
 from medledger.datadir import DataDir, default_data_dir
 from medledger.errors import MedledgerError
+from medledger.ledger.checkpoint import checkpoint_of
 from medledger.ledger.tx import Transaction
 from medledger.ledger.verify import verify_ledger
 from medledger.merkle.verify import verify_consistency, verify_inclusion
@@ -141,11 +142,8 @@ async def init(
 async def verify(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
     """Recompute and check every hash, link, root and signature from genesis."""
     dd = _dd(data_dir)
-    node = await dd.open_node(read_only=True)
-    try:
+    async with dd.node(read_only=True) as node:
         report = await node._run(lambda: verify_ledger(node.store))
-    finally:
-        await node.close()
     if json_:
         emit_json(report.to_json())
     elif report.ok:
@@ -172,15 +170,12 @@ async def checkpoint(
 ) -> None:
     """Print the latest signed checkpoint (a C2SP signed note)."""
     dd = _dd(data_dir)
-    node = await dd.open_node()
-    try:
+    async with dd.node() as node:
         if verifier_key:
             for vk in node.verifier_keys():
                 sys.stdout.write(vk + "\n")
         else:
             sys.stdout.write(await node.checkpoint())
-    finally:
-        await node.close()
 
 
 # -- tx -----------------------------------------------------------------------------------
@@ -203,11 +198,8 @@ async def tx_list(
     json_: JsonOpt = False,
 ) -> None:
     """List transactions in log order."""
-    node = await _dd(data_dir).open_node(read_only=True)
-    try:
+    async with _dd(data_dir).node(read_only=True) as node:
         recs = await node.list_txs(start, limit)
-    finally:
-        await node.close()
     docs = [_tx_json(r) for r in recs]
     if json_:
         emit_json(docs)
@@ -221,11 +213,8 @@ async def tx_list(
 async def tx_show(txid: str, data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
     """Show one transaction, with its canonical bytes (base64) and log index."""
     tx_id = _parse_txid(txid)
-    node = await _dd(data_dir).open_node(read_only=True)
-    try:
+    async with _dd(data_dir).node(read_only=True) as node:
         rec = await node.get_tx(tx_id)
-    finally:
-        await node.close()
     doc = _tx_json(rec)
     doc["canonical_bytes"] = base64.b64encode(rec.raw).decode()
     if json_:
@@ -243,14 +232,9 @@ async def tx_show(txid: str, data_dir: DataDirOpt = None, json_: JsonOpt = False
 async def proof_inclusion(txid: str, data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
     """Inclusion proof of a transaction against the latest signed checkpoint."""
     tx_id = _parse_txid(txid)
-    node = await _dd(data_dir).open_node(read_only=True)
-    try:
+    async with _dd(data_dir).node(read_only=True) as node:
         proof = await node.inclusion_proof(tx_id)
-    finally:
-        await node.close()
-    from medledger.ledger.checkpoint import Checkpoint
-
-    cp = Checkpoint.parse(proof.checkpoint.split("\n\n", 1)[0] + "\n")
+    cp = checkpoint_of(proof.checkpoint)
     verify_inclusion(proof.leaf_index, proof.tree_size, proof.leaf_hash, proof.proof, cp.root)
     doc = proof.to_json()
     if json_:
@@ -273,11 +257,8 @@ async def proof_consistency(
     """Consistency proof between two log sizes."""
     if from_ > to:
         raise CliError("--from must not be larger than --to")
-    node = await _dd(data_dir).open_node(read_only=True)
-    try:
+    async with _dd(data_dir).node(read_only=True) as node:
         root1, root2, proof = await node.consistency_proof(from_, to)
-    finally:
-        await node.close()
     verify_consistency(from_, to, proof, root1, root2)
     doc = {
         "size1": from_,

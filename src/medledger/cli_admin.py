@@ -24,7 +24,7 @@ from medledger.contracts.breakglass_v1 import overdue_reviews
 from medledger.crypto.keystore import Identity
 from medledger.datadir import DataDir, default_data_dir
 from medledger.errors import MedledgerError
-from medledger.node import Node
+from medledger.node import Node, Receipt
 from medledger.services.access import AccessService, decision_json
 from medledger.services.submitter import Submitter
 
@@ -73,14 +73,22 @@ class Session:
 @contextlib.asynccontextmanager
 async def session(path: Path | None) -> AsyncIterator[Session]:
     dd = _dd(path)
-    node = await dd.open_node()
-    try:
+    async with dd.node() as node:
         await node.start()
         sub = Submitter(node)
-        keys = {org: ident.signing for org, ident in dd.org_keys().items()}
+        keys = dict(node.signers)  # the org node keys open_node already loaded
         yield Session(dd, node, sub, AccessService(node, sub, keys))
-    finally:
-        await node.close()
+
+
+def _submit(data_dir: Path | None, signer: str, type_: str, payload: dict[str, Any]) -> Receipt:
+    """Sign one transaction with the keystore identity ``signer`` and wait for its commit."""
+
+    async def go() -> Receipt:
+        async with session(data_dir) as s:
+            return await s.submitter.submit(s.identity(signer).signing, type_, payload)
+
+    result: Receipt = _run(go())
+    return result
 
 
 def _run(coro: Any) -> Any:
@@ -250,12 +258,8 @@ def practitioner_suspend(
 ) -> None:
     """Suspend a practitioner or app of the organisation."""
 
-    async def go() -> dict[str, Any]:
-        async with session(data_dir) as s:
-            r = await s.submitter.submit(s.admin(org).signing, "principal.suspend", {"id": pid})
-            return {"id": pid, "status": "suspended", "index": r.index}
-
-    doc = _run(go())
+    r = _submit(data_dir, f"admin-{org}", "principal.suspend", {"id": pid})
+    doc = {"id": pid, "status": "suspended", "index": r.index}
     _emit(doc, json_, f"{pid} suspended")
 
 
@@ -364,14 +368,8 @@ def consent_grant(
         },
     }
 
-    async def go() -> dict[str, Any]:
-        async with session(data_dir) as s:
-            r = await s.submitter.submit(
-                s.identity(patient).signing, "consent.grant", {"consent": consent}
-            )
-            return {"consent": consent_id, "index": r.index, "tx_id": r.tx_id.hex()}
-
-    doc = _run(go())
+    r = _submit(data_dir, patient, "consent.grant", {"consent": consent})
+    doc = {"consent": consent_id, "index": r.index, "tx_id": r.tx_id.hex()}
     _emit(doc, json_, f"consent {consent_id} recorded at log index {doc['index']}")
 
 
@@ -384,14 +382,8 @@ def consent_revoke(
 ) -> None:
     """Revoke a consent (signed with the patient's key)."""
 
-    async def go() -> dict[str, Any]:
-        async with session(data_dir) as s:
-            r = await s.submitter.submit(
-                s.identity(patient).signing, "consent.revoke", {"id": consent}
-            )
-            return {"consent": consent, "status": "revoked", "index": r.index}
-
-    doc = _run(go())
+    r = _submit(data_dir, patient, "consent.revoke", {"id": consent})
+    doc = {"consent": consent, "status": "revoked", "index": r.index}
     _emit(doc, json_, f"consent {consent} revoked")
 
 
@@ -459,16 +451,13 @@ def breakglass_declare(
     if not reason.strip():
         raise AdminError("--reason must not be empty")
 
-    async def go() -> dict[str, Any]:
-        async with session(data_dir) as s:
-            r = await s.submitter.submit(
-                s.identity(actor).signing,
-                "breakglass.declare",
-                {"patient": patient, "reason": reason, "resource_types": rtype},
-            )
-            return {"id": r.tx_id.hex(), "index": r.index}
-
-    doc = _run(go())
+    r = _submit(
+        data_dir,
+        actor,
+        "breakglass.declare",
+        {"patient": patient, "reason": reason, "resource_types": rtype},
+    )
+    doc = {"id": r.tx_id.hex(), "index": r.index}
     _emit(doc, json_, f"break-glass declared: {doc['id']} (review required)")
 
 
@@ -482,17 +471,10 @@ def breakglass_review(
     json_: JsonOpt = False,
 ) -> None:
     """Close a break-glass review (signed by the organisation's privacy officer)."""
-
-    async def go() -> dict[str, Any]:
-        async with session(data_dir) as s:
-            r = await s.submitter.submit(
-                s.identity(reviewer).signing,
-                "breakglass.review",
-                {"id": bid, "outcome": outcome, "note": note},
-            )
-            return {"id": bid, "outcome": outcome, "index": r.index}
-
-    doc = _run(go())
+    r = _submit(
+        data_dir, reviewer, "breakglass.review", {"id": bid, "outcome": outcome, "note": note}
+    )
+    doc = {"id": bid, "outcome": outcome, "index": r.index}
     _emit(doc, json_, f"review of {bid} closed: {outcome}")
 
 
@@ -505,14 +487,11 @@ def audit(
 
     async def go() -> dict[str, Any]:
         dd = _dd(data_dir)
-        node = await dd.open_node(read_only=True)
-        try:
+        async with dd.node(read_only=True) as node:
             svc = AccessService(node, Submitter(node), {})
             entries = await svc.audit_feed(patient)
             overdue = await node.read(lambda st: overdue_reviews(st, _now()))
             return {"patient": patient, "entries": entries, "overdue_reviews": overdue}
-        finally:
-            await node.close()
 
     doc = _run(go())
     if json_:

@@ -11,10 +11,11 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,15 @@ class DataDir:
             [] if read_only else [(org, ident.signing) for org, ident in self.org_keys().items()]
         )
         return await Node.open(cfg["store"], signers)
+
+    @contextlib.asynccontextmanager
+    async def node(self, *, read_only: bool = False) -> AsyncIterator[Node]:
+        """``async with dd.node() as node:`` opens this directory's node and always closes it."""
+        node = await self.open_node(read_only=read_only)
+        try:
+            yield node
+        finally:
+            await node.close()
 
     async def init_embedded(
         self,
