@@ -37,7 +37,7 @@ from medledger.errors import (
 )
 from medledger.ledger.apply import BlockResult, build_block, genesis_header
 from medledger.ledger.block import BlockHeader
-from medledger.ledger.checkpoint import BlockRef, Checkpoint, sign_checkpoint
+from medledger.ledger.checkpoint import BlockRef, Checkpoint, checkpoint_of, sign_checkpoint
 from medledger.ledger.note import NoteSigner
 from medledger.ledger.tx import Transaction
 from medledger.merkle.compact import CompactRange, border_ids, root_from_border
@@ -436,7 +436,7 @@ class Node:
             got = self.store.get_checkpoint()
             assert got is not None  # a committed tx implies a checkpoint
             note = got[1]
-            size = Checkpoint.parse(note.split("\n\n", 1)[0] + "\n").size
+            size = checkpoint_of(note).size
             nodes = inclusion_nodes(rec.index, size)
             proof = nodes.rehash(self.store.get_tree_nodes(nodes.ids))
             return InclusionProof(rec.index, size, leaf_hash(rec.raw), proof, note)
@@ -460,7 +460,3 @@ class Node:
 
     async def root_at(self, size: int) -> bytes:
         return await self._run(lambda: self._root_at(size))
-
-
-def rejected_reason(exc: TransactionRejected) -> str:
-    return f"{exc.code}: {exc}"

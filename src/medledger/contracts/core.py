@@ -46,6 +46,7 @@ __all__ = [
     "k_principal",
     "k_seq",
     "normalise_genesis",
+    "register_node",
     "register_principal",
 ]
 
@@ -218,6 +219,20 @@ def register_principal(
     return kid
 
 
+def register_node(fx: Effects, state: StateReader, org: Mapping[str, Any], *, height: int) -> bytes:
+    """Register an organisation's node principal ``node:<org id>`` with its node key."""
+    return register_principal(
+        fx,
+        state,
+        pid=f"node:{org['id']}",
+        kind="node",
+        org=org["id"],
+        roles=[],
+        pub=org["node_key"],
+        height=height,
+    )
+
+
 def _pending_keys(fx: Effects) -> set[bytes]:
     return {k[4:] for k in fx.writes if k.startswith(b"key/")}
 
@@ -248,16 +263,7 @@ def genesis_effects(genesis: Mapping[str, Any]) -> Effects:
                 "since": 0,
             },
         )
-        register_principal(
-            fx,
-            empty,
-            pid=f"node:{org['id']}",
-            kind="node",
-            org=org["id"],
-            roles=[],
-            pub=org["node_key"],
-            height=0,
-        )
+        register_node(fx, empty, org, height=0)
     for adm in genesis["admins"]:
         register_principal(
             fx,

@@ -51,7 +51,7 @@ from medledger.contracts._common import (
     require_kind,
 )
 from medledger.contracts.base import Effects, Env, Handler, get_obj, require_obj, scan_objs
-from medledger.contracts.core import ROLES, k_org, k_principal, register_principal
+from medledger.contracts.core import ROLES, k_org, k_principal, register_node, register_principal
 from medledger.errors import Conflict, MalformedTransaction, NotFound, Unauthorized
 from medledger.ledger.tx import Transaction
 from medledger.state.base import StateReader
@@ -120,16 +120,7 @@ def _maybe_apply(
     org = proposal["org"]
     if proposal["action"] == "add":
         fx.put(k_org(org["id"]), {**org, "status": "active", "since": env.height})
-        register_principal(
-            fx,
-            state,
-            pid=f"node:{org['id']}",
-            kind="node",
-            org=org["id"],
-            roles=[],
-            pub=org["node_key"],
-            height=env.height,
-        )
+        register_node(fx, state, org, height=env.height)
     else:
         record = dict(require_obj(state, k_org(org["id"]), f"organisation {org['id']}"))
         record["status"] = "removed"

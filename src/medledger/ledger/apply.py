@@ -24,7 +24,7 @@ previous state, so every node derives byte-identical blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -128,10 +128,7 @@ def apply_tx(
                 state.delete(key)
             else:
                 state.put(key, value)
-    except TransactionRejected:
-        state.rollback(sp)
-        raise
-    except Exception:
+    except BaseException:  # a rejection, or a bug: either way leave no trace
         state.rollback(sp)
         raise
     state.release(sp)
@@ -230,10 +227,3 @@ def genesis_header(
         proposer=b"",
         genesis=genesis_hash,
     )
-
-
-def effects_changes(effects: Iterable[Effects]) -> dict[bytes, bytes | None]:
-    out: dict[bytes, bytes | None] = {}
-    for fx in effects:
-        out.update(fx.writes)
-    return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medledger.contracts import make_registry
-from medledger.contracts.core import genesis_effects, k_key, k_org, normalise_genesis
+from medledger.contracts.core import genesis_effects, k_key, k_org, k_principal, normalise_genesis
 from medledger.crypto.signing import VerifyKey
 from medledger.encoding import decode, encode
 from medledger.errors import CheckpointError, IntegrityError, MedledgerError
@@ -337,7 +337,7 @@ def _proposer_pub(replay: _Replay, proposer: bytes) -> bytes | None:
     if raw is None:
         return None
     rec = decode(raw)
-    principal = decode(replay.state.get(b"principal/" + rec["principal"].encode()) or encode({}))
+    principal = decode(replay.state.get(k_principal(rec["principal"])) or encode({}))
     if principal.get("kind") != "node":
         return None
     pub: bytes = rec["pub"]
