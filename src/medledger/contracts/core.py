@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from medledger.contracts.base import Effects, Env, get_obj, require_absent
+from medledger.crypto.kem import ENC_PUBLIC_SIZES
 from medledger.crypto.signing import ALG_ED25519, VerifyKey
 from medledger.errors import (
     Conflict,
@@ -139,12 +140,16 @@ def normalise_genesis(doc: Mapping[str, Any]) -> dict[str, Any]:
             raise GenesisError(f"duplicate organisation id {oid}")
         seen.add(oid)
         enc_alg = int(org.get("enc_alg", 2))
+        if enc_alg not in ENC_PUBLIC_SIZES:
+            raise GenesisError(f"genesis.orgs[{i}].enc_alg {enc_alg} is not a known algorithm")
         orgs.append(
             {
                 "id": oid,
                 "name": str(org.get("name", oid)),
                 "node_key": _b(org.get("node_key"), f"orgs[{i}].node_key", 32),
-                "enc_key": _b(org.get("enc_key"), f"orgs[{i}].enc_key"),
+                "enc_key": _b(
+                    org.get("enc_key"), f"orgs[{i}].enc_key", ENC_PUBLIC_SIZES[enc_alg]
+                ),
                 "enc_alg": enc_alg,
             }
         )

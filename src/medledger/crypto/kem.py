@@ -42,6 +42,7 @@ from medledger.errors import CryptoError, DecryptionError
 
 __all__ = [
     "ENCRYPTION_ALGS",
+    "ENC_PUBLIC_SIZES",
     "WRAP_VERSION",
     "EncryptionKey",
     "EncryptionPublicKey",
@@ -257,3 +258,7 @@ def _open(recipient: EncryptionKey, wrapped: object, info: object) -> bytes | No
         )
     except (InvalidTag, ValueError):
         return None
+
+
+#: Public key size in bytes of each key-wrapping algorithm.
+ENC_PUBLIC_SIZES: dict[int, int] = dict(_PUBLIC_SIZES)
