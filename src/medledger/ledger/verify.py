@@ -4,8 +4,10 @@
 
 1. the genesis document is canonical and its hash and state root match block 0;
 2. for every block: it parses; its height follows; ``prev`` is the hash of the
-   previous header; the proposer's signature verifies with the proposer's node
-   key as registered in the replayed state;
+   previous header; the proposer is a registered node key; the stored block
+   signature verifies with the node key of a member organisation (the proposer's
+   on a single node; in a consortium each node signs the identical header it
+   derived with its own key, see :mod:`medledger.orderer.etcd`);
 3. for every transaction of the block: its stored index, block and id match
    its bytes (id = SHA-256 of them); its envelope and signature verify;
 4. re-applying the block's transactions to the replayed state accepts every
@@ -187,7 +189,8 @@ def _verify(
         raise _fail("block", "genesis block header does not match the genesis document", height=0)
     config: dict[str, Any] = decode(replay.state.get(b"cfg/network") or encode({}))
     registry = make_registry(config)
-    _check_block_sig(replay, expect0, rec0.sig, first_node_key(genesis))
+    genesis_keys = [first_node_key(genesis)] + [o["node_key"] for o in genesis["orgs"][1:]]
+    _check_block_sig(replay, expect0, rec0.sig, genesis_keys)
 
     prev = expect0
     compact = CompactRange()
@@ -213,7 +216,7 @@ def _verify(
         pub = _proposer_pub(replay, header.proposer)
         if pub is None:
             raise _fail("block", "proposer key is not a registered node key", height=height)
-        _check_block_sig(replay, header, rec.sig, pub)
+        _check_block_sig(replay, header, rec.sig, [pub, *_member_node_keys(replay)])
 
         txs: list[Transaction] = []
         expected_receipts: list[bytes] = []
@@ -344,11 +347,20 @@ def _proposer_pub(replay: _Replay, proposer: bytes) -> bytes | None:
     return pub
 
 
-def _check_block_sig(replay: _Replay, header: BlockHeader, sig: bytes, pub: bytes) -> None:
-    try:
-        header.verify_signature(pub, sig)
-    except IntegrityError as exc:
-        raise _fail("block", str(exc), height=header.height) from exc
+def _member_node_keys(replay: _Replay) -> list[bytes]:
+    return [decode(raw)["node_key"] for _, raw in replay.state.scan(b"org/")]
+
+
+def _check_block_sig(replay: _Replay, header: BlockHeader, sig: bytes, pubs: list[bytes]) -> None:
+    """The block signature must verify with one of ``pubs`` (tried in order)."""
+    error: IntegrityError | None = None
+    for pub in dict.fromkeys(pubs):
+        try:
+            header.verify_signature(pub, sig)
+            return
+        except IntegrityError as exc:
+            error = exc
+    raise _fail("block", str(error or "no key to check the block signature"), height=header.height)
 
 
 def _verifiers(state: MemoryState, network: str) -> list[NoteVerifier]:
