@@ -29,6 +29,17 @@ State keys owned
     audit-req/<org>/<request id>                {"patient", "height"}   request ids are unique
 
 A patient's feed is the prefix scan ``audit/<patient>/`` (oldest first).
+
+Patients reading their own records
+----------------------------------
+A patient exercising the right of access (HIPAA 164.524) is logged like any
+other reader: ``actor`` is the patient id, ``org`` the serving org (whose node
+signs), ``role`` null, purpose usually ``PATRQT`` and ``rule`` ``"self"``. A
+*permit* under rule ``self`` is accepted only when ``actor == patient``: a
+patient may only be granted their own records.
+
+``records`` lists at most :data:`MAX_RECORDS` ids (a search result page is one
+access and is logged as one entry).
 """
 
 from __future__ import annotations
@@ -54,7 +65,7 @@ from medledger.errors import MalformedTransaction, Unauthorized
 from medledger.ledger.tx import Transaction
 from medledger.state.base import StateReader
 
-__all__ = ["HANDLERS", "RULES", "k_audit", "k_audit_prefix"]
+__all__ = ["HANDLERS", "MAX_RECORDS", "RULES", "k_audit", "k_audit_prefix"]
 
 #: decision rules (see medledger.contracts.access)
 RULES = frozenset(
@@ -70,8 +81,11 @@ RULES = frozenset(
         "patient-rule",
         "default",
         "break-glass",
+        "self",
     }
 )
+#: most record ids one entry may list
+MAX_RECORDS = 1000
 _FIELDS = {
     "request",
     "actor",
@@ -103,9 +117,9 @@ def k_audit_req(org: str, request: str) -> bytes:
     return f"audit-req/{org}/{request}".encode()
 
 
-def _ids(value: Any, what: str) -> list[str]:
-    if not isinstance(value, list) or len(value) > MAX_LIST or not all(is_id(v) for v in value):
-        raise MalformedTransaction(f"{what} must be a list of at most {MAX_LIST} ids")
+def _ids(value: Any, what: str, limit: int = MAX_LIST) -> list[str]:
+    if not isinstance(value, list) or len(value) > limit or not all(is_id(v) for v in value):
+        raise MalformedTransaction(f"{what} must be a list of at most {limit} ids")
     return list(value)
 
 
@@ -129,7 +143,7 @@ def access_log(state: StateReader, tx: Transaction, env: Env) -> Effects:
         "on_behalf": p["on_behalf"],
         "patient": patient,
         "resource_types": code_list(p["resource_types"], FHIR_TYPES, "resource_types"),
-        "records": _ids(p["records"], "records"),
+        "records": _ids(p["records"], "records", MAX_RECORDS),
         "purpose": p["purpose"],
         "action": p["action"],
         "outcome": p["outcome"],
@@ -148,6 +162,8 @@ def access_log(state: StateReader, tx: Transaction, env: Env) -> Effects:
         raise MalformedTransaction("outcome must be permit|deny and rule a decision rule")
     if not isinstance(entry["break_glass"], bool):
         raise MalformedTransaction("break_glass must be a bool")
+    if entry["rule"] == "self" and entry["outcome"] == "permit" and entry["actor"] != patient:
+        raise MalformedTransaction("a self-access permit must name the patient as the actor")
     require_obj(state, k_patient(patient), f"patient {patient}")
     require_absent(state, k_audit_req(org, request), f"audit entry for request {request}")
     fx = Effects()
