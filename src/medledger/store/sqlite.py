@@ -297,14 +297,21 @@ class SqliteStore:
                 )
             db.execute("COMMIT")
         except sqlite3.Error as exc:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            _rollback(db)
             raise StorageError(f"sqlite: commit of block {block.height} failed: {exc}") from exc
         except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            _rollback(db)
             raise
 
     def close(self) -> None:
         with _translate("close"):
             self._db.close()
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back an open transaction; a closed or broken connection has none to roll back."""
+    try:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass
