@@ -372,12 +372,9 @@ def test_help(args: tuple[str, ...]) -> None:
     assert "--help" in res.out
 
 
-def test_demo_json(tmp_path: Path) -> None:
-    res = run("demo", "--json", "--data-dir", tmp_path / "demo", "--count", "500", timeout=120)
-    summary = res.json()
-    assert summary["ok"] is True
-    names = [s["step"] for s in summary["steps"]]
-    assert len(names) >= 6
-    assert all(s["ok"] for s in summary["steps"]), summary["steps"]
-    assert "tampering caught by verify" in names
-    assert "verify (whole ledger)" in names
+def test_demo_help() -> None:
+    """The demo's options (the scenario itself runs in tests/test_demo.py)."""
+    res = run("demo", "--help")
+    for option in ("--no-serve", "--json", "--port", "--dir"):
+        assert option in res.out, option
+    assert "--count" not in res.out

@@ -1,0 +1,298 @@
+"""Benchmark of the FHIR layer (not a test: prints, asserts nothing).
+
+Measures, in one run, on a fresh embedded network (hospital, clinic, lab; durable
+SQLite ledger and record store in a temporary directory):
+
+a. **Synthea import**, resources created per second, with the real importer
+   (``medledger import``'s engine: validation, deterministic ids, encryption,
+   HPKE key wrapping, ``record.register`` commits, store writes). Data: the
+   Synthea NDJSON directory and transaction Bundles given with ``--data``
+   (default: the project's test subset, ``tests/api/data``; point it at
+   ``../shared/testdata/synthea-10`` for 7,000 resources).
+b. **The ceiling**: ``fhir.resources`` (R4B) validation alone of the same
+   resources (:func:`medledger.fhir.validate.parse_resource`), resources/s, and
+   the ratio of (a) to it.
+c. **Authorised read latency**, p50 / p99 over ``--reads`` sequential reads of
+   one Observation by a practitioner of another organisation whose patient
+   consented: the consent decision, the ``access.log`` transaction committed in
+   a durable block, the cross-organisation key wrap, the commitment check on the
+   ledger and the decryption. Measured twice: in-process through
+   ``FhirService.read``, and end to end over HTTP against uvicorn on a loopback
+   port (with bearer-token introspection and JSON rendering).
+
+Run: ``.venv/bin/python bench/bench_fhir.py [--data DIR] [--reads N] [--quick]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from medledger.api.app import create_app  # noqa: E402
+from medledger.api.runtime import Runtime  # noqa: E402
+from medledger.api.settings import Settings  # noqa: E402
+from medledger.datadir import DataDir  # noqa: E402
+from medledger.fhir.ndjson import iter_bundle_resources, iter_ndjson  # noqa: E402
+from medledger.fhir.validate import parse_resource  # noqa: E402
+from medledger.services.fhir import RECORD_TYPES, Auth, Importer  # noqa: E402
+from medledger.services.records import Caller  # noqa: E402
+from medledger.services.submitter import Submitter  # noqa: E402
+
+ORGS = [("hospital", "City Hospital"), ("clinic", "Family Clinic"), ("lab", "Central Lab")]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def load_resources(data: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for f in sorted(data.rglob("*.ndjson")):
+        if f.name == "log.ndjson":
+            continue
+        out += [doc for _, doc in iter_ndjson(f)]
+    for f in sorted(data.rglob("*.json")):
+        out += [item.resource for item in iter_bundle_resources(f)]
+    return out
+
+
+# -- (b) the ceiling ------------------------------------------------------------------------
+
+
+def validation_rate(resources: list[dict[str, Any]]) -> tuple[float, int]:
+    served = [r for r in resources if r["resourceType"] in RECORD_TYPES]
+    start = time.perf_counter()
+    for r in served:
+        parse_resource(r, r["resourceType"])
+    return len(served) / (time.perf_counter() - start), len(served)
+
+
+# -- network ----------------------------------------------------------------------------------
+
+
+async def build(path: Path) -> None:
+    dd = DataDir(path)
+    node = await dd.init_embedded(
+        network="bench-fhir", orgs=ORGS, policy={"consent_default": "opt-in"}
+    )
+    try:
+        await node.start()
+        sub = Submitter(node)
+        ident = dd.keystore.create("dr-bench")
+        await sub.submit(
+            dd.identity("admin-clinic").signing,
+            "principal.register",
+            {
+                "id": "dr-bench",
+                "kind": "practitioner",
+                "roles": ["physician"],
+                "pub": ident.signing.public.raw,
+            },
+        )
+    finally:
+        await node.close()
+
+
+# -- (a) import ---------------------------------------------------------------------------------
+
+
+async def import_rate(path: Path, data: Path) -> dict[str, Any]:
+    runtime = await Runtime.open(Settings(data_dir=path), smart=False, max_wait=0.005)
+    try:
+        importer = Importer(runtime.fhir, "hospital", state_dir=path / "imports", concurrency=512)
+        report = await importer.run(data)
+        return report.to_json()
+    finally:
+        await runtime.close()
+
+
+# -- (c) reads ------------------------------------------------------------------------------------
+
+
+def observation(patient: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                        "code": "laboratory",
+                    }
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+        "subject": {"reference": f"Patient/{patient}"},
+        "effectiveDateTime": "2021-02-03T10:00:00Z",
+        "valueQuantity": {"value": 5.9, "unit": "%"},
+    }
+
+
+async def setup_read(runtime: Runtime) -> tuple[str, str]:
+    """A patient at the hospital, a lab result held by the lab, consent for the clinic."""
+    fhir = runtime.fhir
+    hospital = Auth(Caller("system", "bench-hospital", "hospital"))
+    lab = Auth(Caller("system", "bench-lab", "lab"))
+    patient = {"resourceType": "Patient", "name": [{"family": "Bench", "given": ["Mark"]}]}
+    pid = (await fhir.create(hospital, "Patient", patient)).resource["id"]
+    oid = (await fhir.create(lab, "Observation", observation(pid))).resource["id"]
+    consent = {
+        "resourceType": "Consent",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                    "code": "patient-privacy",
+                }
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{pid}"},
+        "policyRule": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}
+            ]
+        },
+        "provision": {
+            "type": "permit",
+            "actor": [
+                {
+                    "role": {"coding": [{"code": "IRCP"}]},
+                    "reference": {"reference": "Organization/clinic"},
+                }
+            ],
+        },
+    }
+    await fhir.create(Auth(Caller("patient", pid, None)), "Consent", consent)
+    return pid, oid
+
+
+async def service_reads(path: Path, n: int) -> tuple[list[float], str, str]:
+    runtime = await Runtime.open(Settings(data_dir=path), smart=False)
+    try:
+        pid, oid = await setup_read(runtime)
+        who = Auth(Caller("practitioner", "dr-bench", "clinic"))
+        for _ in range(20):  # warm up
+            await runtime.fhir.read(who, "Observation", oid)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await runtime.fhir.read(who, "Observation", oid)
+            times.append((time.perf_counter() - t) * 1000)
+        return times, pid, oid
+    finally:
+        await runtime.close()
+
+
+def http_reads(path: Path, oid: str, n: int) -> list[float]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings.for_listen(path, port=port)
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="asyncio")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        runtime: Runtime = app.state.runtime
+        smart = runtime.require_smart()
+        loop = app.state.loop
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from jwt.algorithms import ECAlgorithm
+
+        key = ec.generate_private_key(ec.SECP384R1())
+        jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
+        jwk.update({"kid": "bench", "alg": "ES384"})
+        client = asyncio.run_coroutine_threadsafe(
+            smart.register_client(
+                org="clinic", practitioner="dr-bench", jwks={"keys": [jwk]}, scope="user/*.rs"
+            ),
+            loop,
+        ).result()
+        token = (
+            asyncio.run_coroutine_threadsafe(smart.issue(client, "user/*.rs", ttl=3600), loop)
+            .result()
+            .token
+        )
+        headers = {"Authorization": f"Bearer {token}"}
+        times = []
+        with httpx.Client(base_url=settings.base_url) as http:
+            for _ in range(20):
+                http.get(f"/fhir/Observation/{oid}", headers=headers).raise_for_status()
+            for _ in range(n):
+                t = time.perf_counter()
+                r = http.get(f"/fhir/Observation/{oid}", headers=headers)
+                times.append((time.perf_counter() - t) * 1000)
+                r.raise_for_status()
+        return times
+    finally:
+        server.should_exit = True
+        thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=ROOT / "tests" / "api" / "data")
+    parser.add_argument("--reads", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="200 reads")
+    args = parser.parse_args()
+    reads = 200 if args.quick else args.reads
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fhir-"))
+    try:
+        resources = load_resources(args.data)
+        ceiling, served = validation_rate(resources)
+        print(
+            f"(b) ceiling: fhir.resources R4B validation alone: {ceiling:,.0f} resources/s "
+            f"({served:,} resources of served types in {args.data})"
+        )
+        node = tmp / "node"
+        asyncio.run(build(node))
+        report = asyncio.run(import_rate(node, args.data))
+        rate = report["resources_per_second"]
+        print(
+            f"(a) import: {report['created']:,} resources in {report['seconds']:.2f} s = "
+            f"{rate:,.0f} resources/s (skipped types {report['skipped']}, "
+            f"failed {len(report['failed'])})"
+        )
+        print(f"    ratio import / validation: {rate / ceiling:.3f}")
+        times, _, oid = asyncio.run(service_reads(node, reads))
+        print(
+            f"(c) authorised cross-org read, in-process (decision + access.log commit + unwrap + "
+            f"verify + decrypt), {reads} sequential: p50 {statistics.median(times):.2f} ms, "
+            f"p99 {percentile(times, 0.99):.2f} ms"
+        )
+        times = http_reads(node, oid, reads)
+        print(
+            f"    the same over HTTP (uvicorn, loopback, bearer token): "
+            f"p50 {statistics.median(times):.2f} ms, p99 {percentile(times, 0.99):.2f} ms"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

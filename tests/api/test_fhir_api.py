@@ -1,0 +1,806 @@
+"""The FHIR R4 API over HTTP: a real uvicorn server, real SMART tokens, the real ledger.
+
+Each test makes its own patients on the shared session network (see conftest),
+so tests do not depend on each other's data.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from medledger.datadir import DataDir
+from medledger.ledger.checkpoint import checkpoint_of, verify_checkpoint
+from medledger.ledger.note import NoteVerifier
+from medledger.ledger.tx import Transaction
+from medledger.merkle.hasher import leaf_hash
+from medledger.merkle.verify import verify_inclusion
+
+from .conftest import (
+    FHIR_JSON,
+    Api,
+    LiveServer,
+    consent_resource,
+    lab_observation,
+    new_key,
+    synthea_patient,
+)
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def outcome(r: httpx.Response, status: int) -> dict[str, Any]:
+    """Assert ``r`` is an OperationOutcome error with ``status``; return it."""
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith(FHIR_JSON)
+    doc: dict[str, Any] = r.json()
+    assert doc["resourceType"] == "OperationOutcome"
+    assert doc["issue"] and doc["issue"][0]["severity"] == "error"
+    return doc
+
+
+def entries(bundle: dict[str, Any], mode: str = "match") -> list[dict[str, Any]]:
+    return [
+        e["resource"] for e in bundle.get("entry", []) if e.get("search", {}).get("mode") == mode
+    ]
+
+
+def condition(patient: str, code: str = "44054006", display: str = "Diabetes") -> dict[str, Any]:
+    return {
+        "resourceType": "Condition",
+        "clinicalStatus": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                    "code": "active",
+                }
+            ]
+        },
+        "code": {
+            "coding": [{"system": "http://snomed.info/sct", "code": code, "display": display}]
+        },
+        "subject": {"reference": f"Patient/{patient}"},
+        "onsetDateTime": "2019-05-01T00:00:00Z",
+    }
+
+
+# -- discovery and metadata ----------------------------------------------------------------------
+
+
+def test_metadata_and_smart_configuration(api: Api, live: LiveServer) -> None:
+    r = api.http.get("/fhir/metadata")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith(FHIR_JSON)
+    cs = r.json()
+    assert cs["resourceType"] == "CapabilityStatement" and cs["fhirVersion"] == "4.0.1"
+    rest = cs["rest"][0]
+    token = rest["security"]["extension"][0]["extension"][0]
+    assert token == {"url": "token", "valueUri": live.settings.token_url}
+    types = {r["type"]: {i["code"] for i in r["interaction"]} for r in rest["resource"]}
+    assert types["AuditEvent"] == {"read", "search-type"}
+    assert {"create", "update", "delete", "read", "vread", "history-instance"} <= types[
+        "Observation"
+    ]
+    assert "history-type" not in types["Observation"]  # not implemented, so not claimed
+    for path in ("/.well-known/smart-configuration", "/fhir/.well-known/smart-configuration"):
+        conf = api.http.get(path).json()
+        assert conf["token_endpoint"] == live.settings.token_url
+        assert "private_key_jwt" in conf["token_endpoint_auth_methods_supported"]
+
+
+# -- SMART token endpoint -------------------------------------------------------------------------
+
+
+def test_token_endpoint_refuses_bad_assertions(api: Api, live: LiveServer) -> None:
+    client = api.client("system:clinic", "system/*.rs")
+
+    def token(form: dict[str, str]) -> httpx.Response:
+        return api.http.post("/auth/token", data=form)
+
+    good = client.form()
+    r = token(good)
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
+    doc = r.json()
+    assert doc["token_type"] == "bearer" and doc["expires_in"] == 300
+    assert doc["scope"] == "system/*.rs"
+
+    replay = token(good)  # the same assertion (same jti) again
+    assert replay.status_code == 401 and replay.json()["error"] == "invalid_client"
+    assert "jti" in replay.json()["error_description"]
+
+    wrong_aud = token(client.form(aud=f"{live.base_url}/fhir"))
+    assert wrong_aud.status_code == 401 and "aud" in wrong_aud.json()["error_description"]
+
+    expired = token(client.form(exp_in=-5))
+    assert expired.status_code == 401 and "expired" in expired.json()["error_description"]
+
+    too_long = token(client.form(exp_in=3600))
+    assert too_long.status_code == 401
+
+    other_key, _ = new_key()
+    forged = token(client.form(key=other_key))  # right kid, wrong key
+    assert forged.status_code == 401 and forged.json()["error"] == "invalid_client"
+
+    unknown_kid = token(client.form(kid="not-registered"))
+    assert unknown_kid.status_code == 401 and "kid" in unknown_kid.json()["error_description"]
+
+    unknown_client = token(client.form(iss="cli-0000"))
+    assert unknown_client.status_code == 401
+
+    widen = token(client.form(scope="system/*.cruds"))  # registered for .rs only
+    assert widen.status_code == 200 and widen.json()["scope"] == "system/*.rs"
+
+    bad_grant = token({**client.form(), "grant_type": "password"})
+    assert bad_grant.status_code == 400 and bad_grant.json()["error"] == "unsupported_grant_type"
+
+
+def test_missing_invalid_and_expired_tokens_are_401(api: Api, live: LiveServer) -> None:
+    r = api.http.get("/fhir/Patient/pat-00000000000000000000000000000000")
+    doc = outcome(r, 401)
+    assert doc["issue"][0]["code"] == "login"
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+    r = api.http.get("/fhir/Observation?patient=x", headers={"Authorization": "Bearer nope"})
+    outcome(r, 401)
+    assert 'error="invalid_token"' in r.headers["www-authenticate"]
+
+    # automatic logoff: tokens are short-lived; an expired one is refused
+    pid = api.new_patient()
+    smart = live.runtime.require_smart()
+    client = api.client("system:hospital", "system/*.cruds")
+    registered = live.call(smart.get_client(client.client_id))
+    assert registered is not None
+    info = live.call(smart.issue(registered, "system/*.rs", ttl=1))
+    headers = {"Authorization": f"Bearer {info.token}"}
+    assert api.http.get(f"/fhir/Patient/{pid}", headers=headers).status_code == 200
+    time.sleep(2.1)
+    outcome(api.http.get(f"/fhir/Patient/{pid}", headers=headers), 401)
+
+
+# -- CRUD, versions, errors ------------------------------------------------------------------------
+
+
+def test_create_read_update_version_delete(api: Api) -> None:
+    pid = api.new_patient()
+    body = lab_observation(pid)
+    r = api.post("Observation", body, "system:lab")
+    assert r.status_code == 201, r.text
+    oid = r.json()["id"]
+    assert r.headers["etag"] == 'W/"1"'
+    assert r.headers["location"].endswith(f"/fhir/Observation/{oid}/_history/1")
+    assert r.json()["meta"]["versionId"] == "1"
+
+    r = api.get(f"Observation/{oid}", "system:lab")
+    assert r.status_code == 200 and r.headers["etag"] == 'W/"1"'
+    assert r.json()["valueQuantity"]["value"] == 5.9
+    assert "last-modified" in r.headers and r.headers["cache-control"] == "no-store"
+
+    changed = {**r.json(), "valueQuantity": {**body["valueQuantity"], "value": 6.1}}
+    r = api.put(f"Observation/{oid}", changed, "system:lab", headers={"If-Match": 'W/"1"'})
+    assert r.status_code == 200, r.text
+    assert r.headers["etag"] == 'W/"2"' and r.json()["meta"]["versionId"] == "2"
+
+    stale = api.put(f"Observation/{oid}", changed, "system:lab", headers={"If-Match": 'W/"1"'})
+    assert outcome(stale, 412)["issue"][0]["code"] == "conflict"
+
+    assert (
+        api.get(f"Observation/{oid}/_history/1", "system:lab").json()["valueQuantity"]["value"]
+        == 5.9
+    )
+    assert (
+        api.get(f"Observation/{oid}/_history/2", "system:lab").json()["valueQuantity"]["value"]
+        == 6.1
+    )
+    outcome(api.get(f"Observation/{oid}/_history/9", "system:lab"), 404)
+
+    # another organisation cannot update or delete what the lab holds
+    outcome(api.put(f"Observation/{oid}", changed, "system:hospital"), 403)
+
+    r = api.delete(f"Observation/{oid}", "system:lab", headers={"If-Match": 'W/"2"'})
+    assert r.status_code == 200 and r.json()["resourceType"] == "OperationOutcome"
+    assert outcome(api.get(f"Observation/{oid}", "system:lab"), 410)["issue"][0]["code"] == (
+        "deleted"
+    )
+    hist = api.get(f"Observation/{oid}/_history", "system:lab").json()
+    assert hist["type"] == "history" and hist["total"] == 3
+    methods = [e["request"]["method"] for e in hist["entry"]]
+    assert methods == ["DELETE", "PUT", "POST"]
+
+
+def test_errors_are_operation_outcomes(api: Api) -> None:
+    pid = api.new_patient()
+    who = "system:lab"
+    outcome(api.post("Observation", b"{not json", who), 400)
+    outcome(api.post("Observation", {**lab_observation(pid), "colour": "red"}, who), 400)
+    no_status = lab_observation(pid)
+    del no_status["status"]
+    assert outcome(api.post("Observation", no_status, who), 422)["issue"][0]["code"] == "required"
+    wrong_type = api.post("Observation", {"resourceType": "Condition"}, who)
+    outcome(wrong_type, 400)
+    no_patient = lab_observation(pid)
+    del no_patient["subject"]
+    outcome(api.post("Observation", no_patient, who), 422)
+    unknown_patient = lab_observation("pat-" + "0" * 32)
+    outcome(api.post("Observation", unknown_patient, who), 422)
+    outcome(api.get("Observation/does-not-exist", who), 404)
+    outcome(api.get("Observation?patient=" + pid + "&colour=red", who), 400)
+    # ... unless the client asks for lenient handling
+    lenient = api.get(
+        "Observation?patient=" + pid + "&colour=red", who, headers={"Prefer": "handling=lenient"}
+    )
+    assert lenient.status_code == 200
+    outcome(api.post("AuditEvent", {"resourceType": "AuditEvent"}, who), 405)
+    outcome(api.http.get("/fhir/Specimen/1", headers=api.headers(who)), 404)
+    r = api.http.post(
+        "/fhir/Observation",
+        content=b"<Observation/>",
+        headers={**api.headers(who), "Content-Type": "application/xml"},
+    )
+    outcome(r, 415)
+    # an id already used by another type: 409
+    obs = api.observation(pid)
+    cond = condition(pid)
+    cond["id"] = obs["id"]
+    assert outcome(api.put(f"Condition/{obs['id']}", cond, who), 409)["issue"][0]["code"] == (
+        "conflict"
+    )
+    outcome(api.put(f"Observation/{obs['id']}", obs, who, headers={"If-Match": "v1"}), 400)
+
+
+# -- consent, scopes and the audit trail -----------------------------------------------------------
+
+
+def test_scopes_cannot_widen_consent(api: Api) -> None:
+    pid = api.new_patient()
+    obs = api.observation(pid, "lab")
+    path = f"Observation/{obs['id']}"
+    before = len(api.audit(pid))
+    # a practitioner client whose token carries the widest scope, but no consent exists
+    r = api.get(path, "practitioner:dr-house", "system/*.rs")
+    doc = outcome(r, 403)
+    assert "consent" in doc["issue"][0]["diagnostics"]
+    # a system client of another organisation: only its own organisation's records
+    outcome(api.get(path, "system:clinic", "system/*.rs"), 403)
+    feed = api.audit(pid)
+    assert len(feed) == before + 2
+    assert [e["outcome"] for e in feed[-2:]] == ["deny", "deny"]
+
+    api.consent(pid, to_org="hospital", types=["Observation"])
+    assert api.get(path, "practitioner:dr-house", "system/*.rs").status_code == 200
+    # scopes narrow: a Condition-only token cannot read the Observation consent allows
+    narrow = api.get(path, "practitioner:dr-house", "user/Condition.rs")
+    assert "scopes" in outcome(narrow, 403)["issue"][0]["diagnostics"]
+    # consent is per type: Condition is still not shared
+    cond = api.post("Condition", condition(pid), "system:lab").json()
+    outcome(api.get(f"Condition/{cond['id']}", "practitioner:dr-house"), 403)
+
+
+def test_every_read_search_and_denial_is_logged_once(api: Api) -> None:
+    pid = api.new_patient()
+    obs = api.observation(pid, "lab")
+    api.consent(pid, to_org="clinic", types=["Observation", "Patient"])
+    who = "practitioner:dr-clinic"
+
+    def one_entry(call: Any, status: int) -> dict[str, Any]:
+        before = len(api.audit(pid))
+        r = call()
+        assert r.status_code == status, r.text
+        feed = api.audit(pid)
+        assert len(feed) == before + 1, f"{len(feed) - before} audit entries"
+        return feed[-1]
+
+    e = one_entry(lambda: api.get(f"Observation/{obs['id']}", who), 200)
+    assert e["outcome"] == "permit" and e["records"] == [obs["id"]] and e["actor"] == "dr-clinic"
+    assert e["on_behalf"] == api.client(who, "user/*.cruds").client_id  # unique identification
+    e = one_entry(lambda: api.get(f"Observation?patient={pid}", who), 200)
+    assert e["outcome"] == "permit"
+    e = one_entry(lambda: api.get(f"Observation?patient={pid}&code=0000-0", who), 200)
+    assert e["records"] == []  # an empty search is still an access, and logged
+    e = one_entry(lambda: api.get(f"Observation/{obs['id']}/_history", who), 200)
+    e = one_entry(lambda: api.get(f"Observation/{obs['id']}/_history/1", who), 200)
+    e = one_entry(lambda: api.get(f"Patient/{pid}/$everything", who), 200)
+    e = one_entry(
+        lambda: api.get(f"Observation/$duplicate-check?patient={pid}&code=4548-4", who), 200
+    )
+    e = one_entry(lambda: api.get(f"Condition?patient={pid}", who), 403)
+    assert e["outcome"] == "deny"
+    e = one_entry(lambda: api.get(f"Observation/{obs['id']}", "practitioner:dr-house"), 403)
+    assert e["outcome"] == "deny" and e["actor"] == "dr-house"
+    e = one_entry(lambda: api.get(f"Consent?patient={pid}", f"patient:{pid}", "patient/*.rs"), 200)
+    assert e["actor"] == pid and e["rule"] == "self"
+    e = one_entry(lambda: api.get(f"AuditEvent?patient={pid}", "practitioner:dr-clinic"), 403)
+    assert e["outcome"] == "deny"
+    # refused by the token's scopes: never reaches the data, nothing to log about the patient
+    before = len(api.audit(pid))
+    outcome(api.get(f"Observation/{obs['id']}", who, "user/Condition.rs"), 403)
+    assert len(api.audit(pid)) == before
+
+
+def test_consent_as_fhir_granted_by_the_patient(api: Api) -> None:
+    pid = api.new_patient()
+    obs = api.observation(pid, "lab")
+    patient = f"patient:{pid}"
+    # only the patient grants consent
+    outcome(api.post("Consent", consent_resource(pid, "clinic"), "system:hospital"), 403)
+    outcome(api.post("Consent", consent_resource(pid, "clinic"), "practitioner:dr-house"), 403)
+    other = api.new_patient()
+    outcome(api.post("Consent", consent_resource(pid, "clinic"), f"patient:{other}"), 403)
+    invalid = consent_resource(pid, "clinic")
+    invalid["status"] = "proposed"
+    outcome(api.post("Consent", invalid, patient, "patient/*.cruds"), 422)
+
+    r = api.post(
+        "Consent", consent_resource(pid, "clinic", ["Observation"]), patient, "patient/*.cruds"
+    )
+    assert r.status_code == 201, r.text
+    consent = r.json()
+    cid = consent["id"]
+    assert consent["status"] == "active"
+    assert consent["provision"]["actor"][0]["reference"]["reference"] == "Organization/clinic"
+    # the grant is a ledger transaction signed by the patient's own key
+    grants = api.server.call(api.server.runtime.node.state_get(f"consent/{pid}/{cid}".encode()))
+    assert grants is not None
+    assert api.get(f"Observation/{obs['id']}", "practitioner:dr-clinic").status_code == 200
+    got = api.get(f"Consent/{cid}", patient, "patient/*.cruds").json()
+    assert got["id"] == cid and got["status"] == "active"
+    listed = api.get(f"Consent?patient={pid}", patient, "patient/*.cruds").json()
+    assert [c["id"] for c in entries(listed)] == [cid]
+    # a privacy officer of the custodian may review consents; a physician may not
+    assert api.get(f"Consent/{cid}", "practitioner:po-hospital").status_code == 200
+    outcome(api.get(f"Consent/{cid}", "practitioner:dr-house"), 403)
+
+    r = api.delete(f"Consent/{cid}", patient, "patient/*.cruds")
+    assert r.status_code == 200
+    assert api.get(f"Consent/{cid}", patient, "patient/*.cruds").json()["status"] == "inactive"
+    outcome(api.get(f"Observation/{obs['id']}", "practitioner:dr-clinic"), 403)
+
+
+def test_patient_right_of_access(api: Api) -> None:
+    pid = api.new_patient()
+    obs = api.observation(pid, "lab")
+    cond = api.post("Condition", condition(pid), "system:hospital").json()
+    me = f"patient:{pid}"
+    everything = api.get(f"Patient/{pid}/$everything", me, "patient/*.rs").json()
+    ids = {r["id"] for r in entries(everything)}
+    assert {pid, obs["id"], cond["id"]} <= ids  # every custodian
+    assert api.get(f"Observation?patient={pid}", me, "patient/*.rs").json()["total"] == 1
+    other = api.new_patient()
+    outcome(api.get(f"Patient/{other}", me, "patient/*.rs"), 403)
+    outcome(api.post("Observation", lab_observation(pid), me, "patient/*.cruds"), 403)
+
+
+def test_cross_organisation_everything(api: Api) -> None:
+    pid = api.new_patient("hospital")
+    cond = api.post("Condition", condition(pid), "system:hospital").json()
+    obs = api.observation(pid, "lab")
+    # the clinic sees nothing without consent
+    outcome(api.get(f"Patient/{pid}/$everything", "practitioner:dr-clinic"), 403)
+    api.consent(pid, to_org="clinic", types=["Patient", "Observation", "Condition"])
+    bundle = api.get(f"Patient/{pid}/$everything", "practitioner:dr-clinic").json()
+    found = {r["resourceType"]: r for r in entries(bundle)}
+    assert set(found) == {"Patient", "Observation", "Condition"}
+    assert found["Condition"]["id"] == cond["id"]  # held by the hospital
+    assert found["Observation"]["id"] == obs["id"]  # held by the lab
+    assert found["Patient"]["name"] == synthea_patient()["name"]
+    # the clinic's reads of other custodians' records wrapped their keys for the clinic
+    store = api.server.runtime.store
+    assert api.server.call(store.get_wrapped(obs["id"], 1, "org:clinic")) is not None
+    # consent covers only what it names: DocumentReference is withheld, with a warning entry
+    doc = {
+        "resourceType": "DocumentReference",
+        "status": "current",
+        "subject": {"reference": f"Patient/{pid}"},
+        "content": [{"attachment": {"contentType": "text/plain", "data": "aGVsbG8="}}],
+    }
+    assert api.post("DocumentReference", doc, "system:hospital").status_code == 201
+    bundle = api.get(f"Patient/{pid}/$everything", "practitioner:dr-clinic").json()
+    assert "DocumentReference" not in {r["resourceType"] for r in entries(bundle)}
+    warning = entries(bundle, "outcome")[0]["issue"][0]
+    assert warning["code"] == "suppressed" and "DocumentReference" in warning["diagnostics"]
+
+
+def test_search_parameters_and_paging(api: Api) -> None:
+    pid = api.new_patient()
+    who = "system:lab"
+    for i, (code, when) in enumerate(
+        [("4548-4", "2020-01-05"), ("4548-4", "2021-03-01"), ("2339-0", "2021-03-02")]
+    ):
+        api.observation(pid, code=code, when=f"{when}T08:00:00Z", value=5.0 + i)
+    vital = lab_observation(pid, code="8302-2", display="Body Height", when="2019-01-01")
+    vital["category"][0]["coding"][0]["code"] = "vital-signs"
+    assert api.post("Observation", vital, who).status_code == 201
+
+    def ids(query: str) -> list[str]:
+        r = api.get(f"Observation?patient={pid}&{query}", who)
+        assert r.status_code == 200, r.text
+        return [o["code"]["coding"][0]["code"] for o in entries(r.json())]
+
+    assert sorted(ids("code=http://loinc.org|4548-4")) == ["4548-4", "4548-4"]
+    assert sorted(ids("code=4548-4,2339-0")) == ["2339-0", "4548-4", "4548-4"]
+    assert ids("code=http://snomed.info/sct|4548-4") == []
+    assert sorted(ids("category=laboratory")) == ["2339-0", "4548-4", "4548-4"]
+    assert ids("category=vital-signs") == ["8302-2"]
+    assert ids("category=laboratory&code=2339-0") == ["2339-0"]
+    assert sorted(ids("date=ge2021-01-01&date=lt2021-03-02")) == ["4548-4"]
+    assert sorted(ids("date=2021-03")) == ["2339-0", "4548-4"]
+    assert len(ids("_lastUpdated=gt2020-01-01")) == 4
+    assert ids("_lastUpdated=lt2000-01-01") == []
+
+    r = api.get(f"Observation?patient={pid}&_count=3", who).json()
+    assert r["total"] == 4 and len(entries(r)) == 3
+    links = {link["relation"]: link["url"] for link in r["link"]}
+    assert "next" in links and links["next"].startswith(api.server.fhir)
+    page2 = api.http.get(links["next"], headers=api.headers(who)).json()
+    assert len(entries(page2)) == 1
+    one = entries(r)[0]
+    r = api.get(f"Observation?_id={one['id']}", who).json()
+    assert [o["id"] for o in entries(r)] == [one["id"]]
+    outcome(api.get("Observation", who), 400)  # a search is about one patient
+    outcome(api.get("Observation?date=2021-13-45&patient=" + pid, who), 400)
+
+
+def test_duplicate_check_across_custodians(api: Api) -> None:
+    pid = api.new_patient("hospital")
+    api.observation(pid, "lab", when="2020-06-01T09:00:00Z", value=6.5)
+    api.observation(pid, "clinic", when="2021-02-10T09:00:00Z", value=6.1)
+    api.observation(pid, "lab", code="2339-0", display="Glucose", when="2021-03-01T09:00:00Z")
+    api.consent(pid, to_org="hospital", types=["Observation"])
+    r = api.get(
+        f"Observation/$duplicate-check?patient={pid}&code=http://loinc.org|4548-4",
+        "practitioner:dr-house",
+    )
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    results = entries(bundle)
+    assert [o["effectiveDateTime"] for o in results] == [
+        "2021-02-10T09:00:00Z",
+        "2020-06-01T09:00:00Z",
+    ]
+    summary = entries(bundle, "outcome")[0]["issue"][0]
+    assert "2 earlier result(s)" in summary["diagnostics"]
+    assert "clinic" in summary["diagnostics"] and "lab" in summary["diagnostics"]
+    recent = api.get(
+        f"Observation/$duplicate-check?patient={pid}&code=4548-4&since=2021-01-01",
+        "practitioner:dr-house",
+    ).json()
+    assert len(entries(recent)) == 1
+    outcome(api.get(f"Observation/$duplicate-check?patient={pid}", "practitioner:dr-house"), 400)
+    # the clinic's physician: no consent for the clinic, so only the clinic's own result
+    mine = api.get(
+        f"Observation/$duplicate-check?patient={pid}&code=4548-4", "practitioner:dr-clinic"
+    ).json()
+    assert [o["effectiveDateTime"] for o in entries(mine)] == ["2021-02-10T09:00:00Z"]
+    notes = [o["issue"][0] for o in entries(mine, "outcome")]
+    assert notes[0]["code"] == "suppressed"
+    assert "1 earlier result(s)" in notes[1]["diagnostics"]  # nothing about withheld ones
+    assert mine["total"] == 1
+
+
+def test_break_glass_is_allowed_for_a_declared_emergency_and_audited(
+    api: Api, network_dir: Path
+) -> None:
+    pid = api.new_patient()
+    obs = api.observation(pid, "lab")
+    er = "practitioner:dr-er"
+    emergency = {"X-Purpose-Of-Use": "ETREAT", "X-Break-Glass": "true"}
+    outcome(api.get(f"Observation/{obs['id']}", er, headers=emergency), 403)
+    key = DataDir(network_dir).identity("dr-er").signing
+    runtime = api.server.runtime
+    api.server.call(
+        runtime.submitter.submit(
+            key,
+            "breakglass.declare",
+            {"patient": pid, "reason": "unconscious in ED", "resource_types": []},
+        )
+    )
+    r = api.get(f"Observation/{obs['id']}", er, headers=emergency)
+    assert r.status_code == 200, r.text
+    events = entries(api.get(f"AuditEvent?patient={pid}", f"patient:{pid}", "patient/*.rs").json())
+    glass = [e for e in events if e.get("meta", {}).get("security")]
+    assert len(glass) == 1
+    purposes = {
+        c["code"] for a in glass[0]["agent"] for p in a.get("purposeOfUse", []) for c in p["coding"]
+    }
+    assert "ETREAT" in purposes and glass[0]["outcome"] == "0"
+
+
+def test_audit_events_with_verifiable_proofs(api: Api) -> None:
+    pid = api.new_patient()
+    obs = api.observation(pid, "lab")
+    outcome(api.get(f"Observation/{obs['id']}", "practitioner:dr-house"), 403)  # a denial
+    me = f"patient:{pid}"
+    bundle = api.get(f"AuditEvent?patient={pid}", me, "patient/*.rs").json()
+    events = entries(bundle)
+    assert bundle["total"] == len(events) == len(api.audit(pid))
+    denied = [e for e in events if e["outcome"] == "4"]
+    assert denied, "the denied read is in the patient's audit trail"
+    event = denied[0]
+    assert event["type"]["code"] == "rest" and event["action"] == "R"
+    assert event["subtype"][0]["code"] == "read"
+    assert any(a.get("who", {}).get("reference") == "Practitioner/dr-house" for a in event["agent"])
+    # the single AuditEvent, and its ledger inclusion proof
+    assert api.get(f"AuditEvent/{event['id']}", me, "patient/*.rs").json()["id"] == event["id"]
+    r = api.get(f"AuditEvent/{event['id']}/$proof", me, "patient/*.rs")
+    assert r.status_code == 200, r.text
+    params: dict[str, list[Any]] = {}
+    for p in r.json()["parameter"]:
+        value = next(v for k, v in p.items() if k.startswith("value"))
+        params.setdefault(p["name"], []).append(value)
+    raw = base64.b64decode(params["canonicalTransaction"][0])
+    tx = Transaction.from_bytes(raw)
+    assert tx.tx_id.hex() == event["id"] and tx.type == "access.log"
+    assert tx.payload["actor"] == "dr-house" and tx.payload["outcome"] == "deny"
+    lh = bytes.fromhex(params["leafHash"][0])
+    assert lh == leaf_hash(raw) == hashlib.sha256(b"\x00" + raw).digest()
+    note = params["checkpoint"][0]
+    cp = checkpoint_of(note)
+    verify_inclusion(
+        params["leafIndex"][0],
+        params["treeSize"][0],
+        lh,
+        [bytes.fromhex(h) for h in params.get("proof", [])],
+        cp.root,
+    )
+    verifiers = [NoteVerifier.from_verifier_key(k) for k in params["verifierKey"]]
+    verify_checkpoint(note, verifiers)
+    # another patient may not see it; the hospital's privacy officer may
+    other = api.new_patient()
+    outcome(api.get(f"AuditEvent/{event['id']}", f"patient:{other}", "patient/*.rs"), 403)
+    assert api.get(f"AuditEvent?patient={pid}", "practitioner:po-hospital").status_code == 200
+    outcome(api.get("AuditEvent/" + "ab" * 32, me, "patient/*.rs"), 404)
+
+
+# -- Bundles ---------------------------------------------------------------------------------------
+
+
+def _store_snapshot(network_dir: Path) -> str:
+    db = sqlite3.connect(f"file:{network_dir / 'records.db'}?mode=ro", uri=True)
+    try:
+        digest = hashlib.sha256()
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in sorted(tables):
+            for row in sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr):
+                digest.update(repr(row).encode())
+        return digest.hexdigest()
+    finally:
+        db.close()
+
+
+def _transaction(patient_body: dict[str, Any], *, bad: bool = False) -> dict[str, Any]:
+    entries_: list[dict[str, Any]] = [
+        {
+            "fullUrl": "urn:uuid:11111111-1111-4111-8111-111111111111",
+            "resource": patient_body,
+            "request": {"method": "POST", "url": "Patient"},
+        }
+    ]
+    for i in range(3):
+        obs = lab_observation("x", value=4.0 + i)
+        obs["subject"] = {"reference": "urn:uuid:11111111-1111-4111-8111-111111111111"}
+        entries_.append(
+            {
+                "fullUrl": f"urn:uuid:22222222-2222-4222-8222-00000000000{i}",
+                "resource": obs,
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        )
+    if bad:
+        broken = lab_observation("x")
+        broken["subject"] = {"reference": "urn:uuid:11111111-1111-4111-8111-111111111111"}
+        broken["status"] = "not-a-status"  # valid JSON, invalid FHIR code: 422
+        entries_.append(
+            {
+                "fullUrl": "urn:uuid:33333333-3333-4333-8333-333333333333",
+                "resource": broken,
+                "request": {"method": "POST", "url": "Observation"},
+            }
+        )
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries_}
+
+
+def test_transaction_is_all_or_nothing(api: Api, network_dir: Path) -> None:
+    who = "system:hospital"
+    head, store = api.head(), _store_snapshot(network_dir)
+    r = api.post("", _transaction(synthea_patient(1), bad=True), who)
+    outcome(r, 422)
+    assert "Bundle.entry[4]" in json.dumps(r.json())
+    assert api.head() == head and _store_snapshot(network_dir) == store
+
+    # a failure found only against the ledger (an update of a missing record) is also pre-flight
+    tx = _transaction(synthea_patient(1))
+    gone = lab_observation("x")
+    gone["id"] = "no-such-record"
+    gone["subject"] = {"reference": "urn:uuid:11111111-1111-4111-8111-111111111111"}
+    tx["entry"].append(
+        {"resource": gone, "request": {"method": "PUT", "url": "Observation/no-such-record"}}
+    )
+    outcome(api.post("", tx, who), 404)
+    assert api.head() == head and _store_snapshot(network_dir) == store
+
+    r = api.post("", _transaction(synthea_patient(1)), who)
+    assert r.status_code == 200, r.text
+    resp = r.json()
+    assert resp["type"] == "transaction-response"
+    statuses = [e["response"]["status"] for e in resp["entry"]]
+    assert statuses == ["201 Created"] * 4
+    pid = resp["entry"][0]["response"]["location"].split("/")[1]
+    assert pid.startswith("pat-")
+    obs_id = resp["entry"][1]["response"]["location"].split("/")[1]
+    obs = api.get(f"Observation/{obs_id}", who).json()
+    assert obs["subject"]["reference"] == f"Patient/{pid}"  # urn:uuid rewritten
+
+
+def test_batch_entries_stand_alone(api: Api) -> None:
+    pid = api.new_patient()
+    obs = api.observation(pid, "hospital")
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"request": {"method": "GET", "url": f"Observation/{obs['id']}"}},
+            {"request": {"method": "GET", "url": "Observation/missing"}},
+            {"resource": lab_observation(pid), "request": {"method": "POST", "url": "Observation"}},
+            {"request": {"method": "GET", "url": f"Observation?patient={pid}"}},
+        ],
+    }
+    r = api.post("", batch, "system:hospital")
+    assert r.status_code == 200, r.text
+    resp = r.json()
+    assert resp["type"] == "batch-response"
+    statuses = [e["response"]["status"] for e in resp["entry"]]
+    assert statuses == ["200 OK", "404 Not Found", "201 Created", "200 OK"]
+    assert resp["entry"][0]["resource"]["id"] == obs["id"]
+    assert resp["entry"][3]["resource"]["total"] == 2
+
+
+# -- integrity -----------------------------------------------------------------------------------
+
+
+def test_tampered_ciphertext_or_commitment_is_refused(fresh: Any) -> None:
+    server, api = fresh(practitioners=False)
+    pid = api.new_patient()
+    obs = api.observation(pid, "hospital")
+    oid = obs["id"]
+    assert api.get(f"Observation/{oid}", "system:hospital").status_code == 200
+    db_path = server.settings.data_dir / "records.db"
+
+    def flip(column: str, offset: int) -> None:
+        db = sqlite3.connect(db_path)
+        try:
+            (blob,) = db.execute(
+                f"SELECT {column} FROM rec_versions WHERE record = ?", (oid,)
+            ).fetchone()
+            changed = bytearray(blob)
+            changed[offset] ^= 1
+            db.execute(
+                f"UPDATE rec_versions SET {column} = ? WHERE record = ?", (bytes(changed), oid)
+            )
+            db.commit()
+        finally:
+            db.close()
+
+    flip("ciphertext", 20)  # one bit of the stored ciphertext
+    doc = outcome(api.get(f"Observation/{oid}", "system:hospital"), 500)
+    assert "integrity" in doc["issue"][0]["diagnostics"]
+    flip("ciphertext", 20)  # restored
+    assert api.get(f"Observation/{oid}", "system:hospital").status_code == 200
+    flip("salt", 0)  # the salted commitment no longer matches the ledger
+    doc = outcome(api.get(f"Observation/{oid}", "system:hospital"), 500)
+    assert "integrity" in doc["issue"][0]["diagnostics"]
+
+
+def test_tampered_ledger_commitment_is_refused(fresh: Any) -> None:
+    server, api = fresh(practitioners=False)
+    pid = api.new_patient()
+    oid = api.observation(pid, "hospital")["id"]
+    data_dir = server.settings.data_dir
+    server.stop()
+    # change the commitment of version 1 in the ledger's state (record/<id> and recver/<id>/1)
+    from medledger.encoding import decode, encode
+
+    db = sqlite3.connect(data_dir / "ledger.db")
+    try:
+        for key in (f"record/{oid}".encode(), f"recver/{oid}/{1:08d}".encode()):
+            (raw,) = db.execute("SELECT v FROM state WHERE k = ?", (key,)).fetchone()
+            value = decode(raw)
+            value["commitment"] = bytes(32 * [7])
+            db.execute("UPDATE state SET v = ? WHERE k = ?", (encode(value), key))
+        db.commit()
+    finally:
+        db.close()
+    restarted = LiveServer(data_dir).start()
+    try:
+        with httpx.Client(base_url=restarted.base_url, timeout=60) as http:
+            again = Api(restarted, http)
+            doc = outcome(again.get(f"Observation/{oid}", "system:hospital"), 500)
+            assert "integrity" in doc["issue"][0]["diagnostics"]
+    finally:
+        restarted.stop()
+
+
+# -- erasure -------------------------------------------------------------------------------------
+
+
+def test_erasure_crypto_shreds_every_custodian_and_verify_still_passes(api: Api) -> None:
+    from medledger.ledger.verify import verify_ledger
+
+    pid = api.new_patient("hospital")
+    obs = api.observation(pid, "lab")
+    cond = api.post("Condition", condition(pid), "system:hospital").json()
+    # only the patient or a custodian's system client may ask
+    outcome(api.post(f"Patient/{pid}/$erase", {}, "practitioner:dr-house"), 403)
+    outcome(api.post(f"Patient/{pid}/$erase", {}, "system:clinic"), 403)
+    r = api.post(f"Patient/{pid}/$erase", {}, f"patient:{pid}", "patient/*.cruds")
+    assert r.status_code == 200, r.text
+    assert "3 record(s)" in r.json()["issue"][0]["diagnostics"]
+    for path in (f"Observation/{obs['id']}", f"Condition/{cond['id']}", f"Patient/{pid}"):
+        assert outcome(api.get(path, "system:hospital"), 410)["issue"][0]["code"] == "deleted"
+    store = api.server.runtime.store
+    for rid in (obs["id"], cond["id"], pid):
+        version = api.server.call(store.get_version(rid))
+        assert version is not None and version.ciphertext == b""
+        assert api.server.call(store.get_wrapped(rid, 1, "org:hospital")) is None
+        assert api.server.call(store.get_wrapped(rid, 1, f"patient:{pid}")) is None
+    node = api.server.runtime.node
+    report = api.server.call(node.storage(verify_ledger))
+    assert report.ok, report.failure
+
+
+# -- demo sign-in ----------------------------------------------------------------------------------
+
+
+def test_demo_identities_sign_in_with_registered_clients(fresh: Any) -> None:
+    _, api = fresh(demo=True)
+    idents = {i["id"]: i for i in api.http.get("/api/demo/identities").json()}
+    assert {"dr-house", "tech-lab", "system:hospital"} <= set(idents)
+    assert idents["dr-house"]["org"] == "hospital" and idents["dr-house"]["roles"] == ["physician"]
+    login = api.http.post("/api/demo/login", json={"identity": "system:hospital"}).json()
+    headers = {"Authorization": f"Bearer {login['access_token']}", "Content-Type": FHIR_JSON}
+    r = api.http.post("/fhir/Patient", content=json.dumps(synthea_patient()), headers=headers)
+    assert r.status_code == 201, r.text
+    doctor = api.http.post("/api/demo/login", json={"identity": "dr-house"}).json()
+    r = api.http.get(
+        f"/fhir/Patient/{r.json()['id']}",
+        headers={"Authorization": f"Bearer {doctor['access_token']}"},
+    )
+    assert r.status_code == 200  # the hospital holds the record: its physician may treat
+    # the demo clients' private keys were thrown away: no assertion can ever be made for them
+    assert all("client_id" not in i for i in idents.values())
+
+
+# -- fhirclient ----------------------------------------------------------------------------------
+
+
+def test_fhirclient_reads_with_backend_services(api: Api, live: LiveServer) -> None:
+    """The SMART Python client, unchanged: discovers the token endpoint, posts our assertion."""
+    from fhirclient import client as fc
+    from fhirclient.models.observation import Observation
+    from fhirclient.models.patient import Patient
+
+    pid = api.new_patient("hospital", synthea_patient(2))
+    obs = api.observation(pid, "hospital")
+    smart = api.client("system:hospital", "system/*.rs")
+    settings = {
+        "app_id": smart.client_id,
+        "api_base": live.fhir,
+        "jwt_token": smart.assertion(),
+        "scope": "system/*.rs",
+    }
+    client = fc.FHIRClient(settings=settings, save_func=lambda state: None)
+    client.prepare()
+    client.authorize()  # client_credentials + private_key_jwt, as fhirclient implements it
+    assert client.ready
+    patient = Patient.read(pid, client.server)
+    assert patient.id == pid
+    assert patient.name[0].family == synthea_patient(2)["name"][0]["family"]
+    found = list(Observation.where(struct={"patient": pid}).perform_resources_iter(client.server))
+    assert [o.id for o in found] == [obs["id"]]
+    assert found[0].code.coding[0].code == "4548-4"

@@ -1,0 +1,255 @@
+"""``medledger serve`` with TLS, ``medledger client ...``, the data directory lock (subprocess).
+
+This is the README walk-through run for real: keys and a client made with the
+CLI, the server started with a self-signed certificate, a token obtained at
+``/auth/token`` and a first authorised FHIR read over HTTPS.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from api.conftest import build_network, synthea_patient
+
+BIN = Path(sys.executable).with_name("medledger")
+
+
+def run(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
+    env["COLUMNS"] = "200"
+    proc = subprocess.run(
+        [str(BIN), *map(str, args)], capture_output=True, text=True, timeout=120, env=env
+    )
+    if check:
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Path:
+    path = tmp_path / "node"
+    build_network(path)
+    return path
+
+
+@pytest.fixture
+def tls_server(node: Path, tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen[str]]]:
+    cert, key = self_signed(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDLEDGER_")}
+    proc = subprocess.Popen(
+        [
+            str(BIN),
+            "serve",
+            "--data-dir",
+            str(node),
+            "--port",
+            str(port),
+            "--tls-cert",
+            str(cert),
+            "--tls-key",
+            str(key),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    base = f"https://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if (
+                httpx.get(
+                    f"{base}/fhir/metadata", verify=ssl.create_default_context(cafile=str(cert))
+                ).status_code
+                == 200
+            ):
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("server did not start: " + proc.communicate()[1])
+        time.sleep(0.1)
+    try:
+        yield base, cert, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_serve_with_tls_and_a_cli_registered_client(
+    node: Path, tmp_path: Path, tls_server: tuple[str, Path, subprocess.Popen[str]]
+) -> None:
+    base, cert, proc = tls_server
+    prefix = tmp_path / "ehr"
+    run("client", "keygen", "--out", prefix)
+    key_file, jwks_file = Path(f"{prefix}-key.pem"), Path(f"{prefix}-jwks.json")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert "d" not in json.loads(jwks_file.read_text())["keys"][0]  # public part only
+    client_id = run(
+        "client",
+        "register",
+        "--org",
+        "hospital",
+        "--jwks",
+        jwks_file,
+        "--scope",
+        "system/*.cruds",
+        "--data-dir",
+        node,
+    ).stdout.strip()
+    assert client_id.startswith("cli-")
+
+    with httpx.Client(
+        base_url=base, verify=ssl.create_default_context(cafile=str(cert)), timeout=60
+    ) as http:
+        meta = http.get("/fhir/metadata")
+        assert meta.headers["strict-transport-security"].startswith("max-age=")
+        token_url = meta.json()["rest"][0]["security"]["extension"][0]["extension"][0]["valueUri"]
+        assert token_url == f"{base}/auth/token"
+        assertion = run(
+            "client", "assertion", "--client-id", client_id, "--key", key_file, "--aud", token_url
+        ).stdout.strip()
+        r = http.post(
+            "/auth/token",
+            data={
+                "grant_type": "client_credentials",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": assertion,
+                "scope": "system/*.cruds",
+            },
+        )
+        assert r.status_code == 200, r.text
+        headers = {"Authorization": f"Bearer {r.json()['access_token']}"}
+        created = http.post(
+            "/fhir/Patient",
+            content=json.dumps(synthea_patient()),
+            headers={**headers, "Content-Type": "application/fhir+json"},
+        )
+        assert created.status_code == 201, created.text
+        pid = created.json()["id"]
+        got = http.get(f"/fhir/Patient/{pid}", headers=headers)
+        assert got.status_code == 200 and got.json()["name"] == synthea_patient()["name"]
+        # a second assertion with the same jti would be refused; a fresh one works
+        again = run(
+            "client", "assertion", "--client-id", client_id, "--key", key_file, "--aud", token_url
+        ).stdout.strip()
+        assert again != assertion
+
+    # plain HTTP to the TLS port is not served
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(base.replace("https://", "http://") + "/fhir/metadata", timeout=5)
+    # the data directory is in use: an import must not open a second writer
+    imp = run("import", tmp_path, "--org", "hospital", "--data-dir", node, check=False)
+    assert imp.returncode != 0 and "in use" in imp.stderr
+
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+
+
+def test_client_register_checks_its_arguments(node: Path, tmp_path: Path) -> None:
+    prefix = tmp_path / "c"
+    run("client", "keygen", "--out", prefix)
+    jwks = Path(f"{prefix}-jwks.json")
+    common = ["--jwks", jwks, "--data-dir", node]
+    ok = run(
+        "client",
+        "register",
+        "--org",
+        "clinic",
+        "--practitioner",
+        "dr-clinic",
+        "--scope",
+        "user/*.rs",
+        "--json",
+        *common,
+    )
+    doc = json.loads(ok.stdout)
+    assert doc["practitioner"] == "dr-clinic" and doc["org"] == "clinic"
+    for args, message in [
+        (["--org", "clinic", "--practitioner", "dr-house"], "not a practitioner of clinic"),
+        (["--org", "nowhere"], "does not serve"),
+        (["--org", "lab", "--patient", "pat-" + "0" * 32], "not a patient"),
+        (["--org", "lab", "--practitioner", "tech-lab", "--patient", "x"], "not both"),
+    ]:
+        bad = run("client", "register", *args, "--scope", "system/*.rs", *common, check=False)
+        assert bad.returncode != 0 and message in bad.stderr, bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1  # one-line errors
+    bad_scope = run(
+        "client", "register", "--org", "lab", "--scope", "everything", *common, check=False
+    )
+    assert bad_scope.returncode != 0 and "scope" in bad_scope.stderr
+    again = run("client", "keygen", "--out", prefix, check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
+
+
+def test_serve_refuses_half_a_tls_configuration(node: Path, tmp_path: Path) -> None:
+    cert, _ = self_signed(tmp_path)
+    r = run("serve", "--data-dir", node, "--tls-cert", cert, check=False)
+    assert r.returncode == 2 and "--tls-key" in r.stderr
+    r = run("serve", "--data-dir", tmp_path / "nothing-here", check=False)
+    assert r.returncode != 0 and "not a medledger data directory" in r.stderr
