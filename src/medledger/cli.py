@@ -593,6 +593,11 @@ from medledger.cli_admin import register as _register_admin  # noqa: E402
 
 _register_admin(app)
 
+from medledger.cli_network import network_app, node_app  # noqa: E402
+
+app.add_typer(node_app, name="node")
+app.add_typer(network_app, name="network")
+
 
 def main() -> None:
     try:

@@ -8,7 +8,7 @@ Lifecycle::
 
     node = await Node.create(store_url, genesis_doc, signers=[...])   # once
     node = await Node.open(store_url, signers=[...])                   # afterwards
-    await node.start()              # starts the orderer
+    await node.start()              # starts the orderer (embedded; or node.start("etcd://..."))
     receipt = await node.submit(tx) # returns once the tx's block is durable
     await node.close()
 """
@@ -32,6 +32,7 @@ from medledger.errors import (
     BadTransactionSignature,
     IntegrityError,
     NotFoundError,
+    OrdererError,
     StorageError,
     TransactionRejected,
 )
@@ -169,6 +170,7 @@ class Node:
         self._cache = _ReadCache(store)
         self._head: _Head | None = None
         self._orderer: Any = None
+        self._halted: str | None = None
         self.clock: Callable[[], int] = lambda: int(_time.time() * 1000)
 
     # -- construction ------------------------------------------------------------------
@@ -257,23 +259,66 @@ class Node:
         return self._head.header
 
     # -- ordering and commit -----------------------------------------------------------
+    @property
+    def orderer(self) -> Any:
+        """The running orderer (None before :meth:`start`)."""
+        return self._orderer
+
     async def start(
-        self, *, max_batch: int = 2000, max_wait: float = 0.005, verify_workers: int = 1
+        self,
+        orderer_url: str | None = None,
+        *,
+        max_batch: int = 2000,
+        max_wait: float = 0.005,
+        verify_workers: int = 1,
+        **orderer_options: Any,
     ) -> None:
-        from medledger.orderer.embedded import EmbeddedOrderer
+        """Start ordering: the embedded orderer (default) or the one ``orderer_url`` names.
+
+        ``orderer_url`` is ``embedded`` / None, or ``etcd://host:port,host:port,...``
+        (see :func:`medledger.orderer.make_orderer`; extra options are passed on).
+        """
+        from medledger.orderer import make_orderer
 
         if self.proposer is None:
             raise RuntimeError("this node was opened read-only (no node key)")
         if self._orderer is None:
-            self._orderer = EmbeddedOrderer(
-                self, max_batch=max_batch, max_wait=max_wait, verify_workers=verify_workers
+            orderer = make_orderer(
+                orderer_url,
+                self,
+                max_batch=max_batch,
+                max_wait=max_wait,
+                verify_workers=verify_workers,
+                **orderer_options,
             )
-            await self._orderer.start()
+            await orderer.start()
+            self._orderer = orderer
+
+    async def stop_orderer(self) -> None:
+        """Stop ordering (pending submits fail with OrdererError); :meth:`start` may follow.
+
+        E.g. after the etcd orderer raised ``CatchUpRequired``: stop it, append the
+        missing blocks (:meth:`append_block`), record the etcd position, start again.
+        """
+        if self._orderer is not None:
+            orderer, self._orderer = self._orderer, None
+            await orderer.stop()
+
+    def halt_writes(self, reason: str | None) -> None:
+        """Refuse new submissions with ``OrdererError(reason)`` (None: accept them again).
+
+        Blocks ordered by others are still applied; only this node's writes stop
+        (e.g. when its state diverged from the consortium's).
+        """
+        self._halted = reason
+
+    @property
+    def halted(self) -> str | None:
+        """Why writes are halted, or None."""
+        return self._halted
 
     async def close(self) -> None:
-        if self._orderer is not None:
-            await self._orderer.stop()
-            self._orderer = None
+        await self.stop_orderer()
         await self._run(self.store.close)
         self._io.shutdown(wait=True)
 
@@ -284,6 +329,8 @@ class Node:
         """
         if isinstance(tx, (bytes, bytearray)):
             tx = Transaction.from_bytes(bytes(tx))
+        if self._halted is not None:
+            raise OrdererError(self._halted)
         if self._orderer is None:
             raise RuntimeError("node not started")
         receipt: Receipt = await self._orderer.submit(tx)
@@ -291,27 +338,122 @@ class Node:
 
     def enqueue(self, tx: Transaction) -> asyncio.Future[Receipt]:
         """Queue a transaction in submission order; await the future for its receipt."""
+        if self._halted is not None:
+            raise OrdererError(self._halted)
         if self._orderer is None:
             raise RuntimeError("node not started")
         fut: asyncio.Future[Receipt] = self._orderer.enqueue(tx)
         return fut
 
     async def commit_batch(
-        self, txs: Sequence[Transaction], signatures: Sequence[bool] | None = None
+        self,
+        txs: Sequence[Transaction],
+        signatures: Sequence[bool] | None = None,
+        *,
+        block_time: int | None = None,
+        proposer: bytes | None = None,
+        precheck: Callable[[StateReader, BlockHeader], None] | None = None,
+        before_write: Callable[[LedgerStore, int], None] | None = None,
+        if_empty: Callable[[LedgerStore, int], None] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         """Build, sign and durably commit one block from ``txs`` (orderer callback).
 
         ``signatures``, when given, holds the already checked validity of each
         transaction's signature (see :func:`medledger.ledger.tx.check_signatures`).
+
+        An orderer that decides blocks outside this node (etcd) passes the block
+        time and the proposer's key id taken from the ordered proposal, so every
+        node derives the same header; by default they are this node's clock and
+        key. The callbacks run on the storage thread, in the same step:
+        ``precheck(state, head)`` first (an exception it raises propagates and
+        nothing is written); ``before_write(store, height)`` just before block
+        ``height`` commits; ``if_empty(store, head_height)`` when every
+        transaction is rejected, in which case no block is written.
         """
-        block_time = self.clock()
-        return await self._run(lambda: self._commit_sync(txs, block_time, signatures))
+        if block_time is None:
+            block_time = self.clock()
+        bt = block_time
+
+        def _commit() -> list[Receipt | TransactionRejected]:
+            if precheck is not None:
+                assert self._head is not None
+                precheck(self._cache, self._head.header)
+            out = self._commit_sync(txs, bt, signatures, proposer, before_write)
+            if if_empty is not None and all(isinstance(r, TransactionRejected) for r in out):
+                if_empty(self.store, self.head.height)
+            return out
+
+        return await self._run(_commit)
+
+    async def append_block(
+        self,
+        header: bytes,
+        sig: bytes | None,
+        txs: Sequence[Transaction],
+        *,
+        before_write: Callable[[LedgerStore, int], None] | None = None,
+    ) -> BlockHeader:
+        """Re-derive another node's block on this node's state; commit it if identical.
+
+        For catch-up from peers' blocks. The block is rebuilt from the committed
+        state with the block's own transactions, time and proposer (every signature
+        checked); every transaction must be accepted and the derived header must
+        equal ``header`` byte for byte, else :class:`IntegrityError` and nothing is
+        committed. It is stored signed by this node's key, like every block a node
+        derives (``sig``, the peer's signature, is kept only by a node without a
+        key), with this node's signed checkpoint. ``before_write`` as in
+        :meth:`commit_batch`. Stop the orderer first (:meth:`stop_orderer`).
+        """
+
+        def _append() -> BlockHeader:
+            head = self._head
+            assert head is not None
+            want = BlockHeader.from_bytes(header)
+            if want.height != head.header.height + 1 or want.prev != head.header.hash:
+                raise IntegrityError(
+                    f"block {want.height} does not follow this node's head {head.header.height}"
+                )
+            compact = head.compact.copy()
+            result = build_block(
+                self._cache,
+                head.header,
+                compact,
+                list(txs),
+                block_time=want.time,
+                proposer=want.proposer,
+                registry=self.registry,
+                config=self.config,
+            )
+            if result.rejected:
+                bad = result.rejected[0]
+                raise IntegrityError(
+                    f"block {want.height}: transaction {bad.tx.tx_id.hex()} is rejected on "
+                    f"re-application ({bad.error.code}: {bad.error})"
+                )
+            if result.header.to_bytes() != header:
+                diff = [k for k, v in result.header.to_map().items() if want.to_map().get(k) != v]
+                raise IntegrityError(
+                    f"block {want.height}: re-derived header differs in {', '.join(diff)}"
+                )
+            if before_write is not None:
+                before_write(self.store, want.height)
+            self._write_block(result, sig=sig if self.proposer is None else None)
+            head.header, head.compact = result.header, compact
+            return result.header
+
+        return await self._run(_append)
+
+    async def storage(self, fn: Callable[[LedgerStore], T]) -> T:
+        """Run ``fn(store)`` on the storage thread (orderer bookkeeping, e.g. metadata)."""
+        return await self._run(lambda: fn(self.store))
 
     def _commit_sync(
         self,
         txs: Sequence[Transaction],
         block_time: int,
         signatures: Sequence[bool] | None = None,
+        proposer: bytes | None = None,
+        before_write: Callable[[LedgerStore, int], None] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         head = self._head
         assert head is not None and self.proposer is not None
@@ -336,7 +478,7 @@ class Node:
             compact,
             candidates,
             block_time=block_time,
-            proposer=self.proposer.key_id,
+            proposer=self.proposer.key_id if proposer is None else proposer,
             registry=self.registry,
             config=self.config,
             signatures_checked=signatures is not None,
@@ -344,6 +486,8 @@ class Node:
         rejected.update({positions[r.position]: r.error for r in result.rejected})
         if not result.txs:
             return [rejected[i] for i in range(len(txs))]
+        if before_write is not None:
+            before_write(self.store, result.header.height)
         self._write_block(result)
         head.header, head.compact = result.header, compact
         out: list[Receipt | TransactionRejected] = []
@@ -356,10 +500,14 @@ class Node:
                 index += 1
         return out
 
-    def _write_block(self, result: BlockResult) -> None:
+    def _write_block(self, result: BlockResult, sig: bytes | None = None) -> None:
+        # Every node signs the headers it stores with its own key, also when another
+        # node proposed the block (etcd ordering): the header (with its proposer key id)
+        # is identical everywhere; verify accepts any member node key's signature.
         header = result.header
-        assert self.proposer is not None
-        sig = header.sign(self.proposer)
+        if sig is None:
+            assert self.proposer is not None
+            sig = header.sign(self.proposer)
         note = self._sign_checkpoint(header)
         records = [
             TxRecord(header.first + i, tx.tx_id, header.height, tx.raw, rc)

@@ -147,9 +147,7 @@ def normalise_genesis(doc: Mapping[str, Any]) -> dict[str, Any]:
                 "id": oid,
                 "name": str(org.get("name", oid)),
                 "node_key": _b(org.get("node_key"), f"orgs[{i}].node_key", 32),
-                "enc_key": _b(
-                    org.get("enc_key"), f"orgs[{i}].enc_key", ENC_PUBLIC_SIZES[enc_alg]
-                ),
+                "enc_key": _b(org.get("enc_key"), f"orgs[{i}].enc_key", ENC_PUBLIC_SIZES[enc_alg]),
                 "enc_alg": enc_alg,
             }
         )

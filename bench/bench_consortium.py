@@ -1,0 +1,287 @@
+"""Benchmark of a three-organisation consortium (not a test: prints a table, asserts nothing).
+
+Measures, in one run, on one machine:
+
+(a) the ceiling: raw etcd puts per second with ``aetcd`` (the client library the
+    etcd orderer uses) against the same 3-member etcd cluster, one at a time and
+    with 64 in flight, ~200-byte values under a scratch prefix;
+(b) committed transactions per second through three node processes (one per
+    organisation, each with its own PostgreSQL database, or SQLite with
+    ``--sqlite``; FHIR API off): pre-signed ``note.anchor`` transactions are
+    posted in batches to the nodes' ``/ledger/v1/txs`` endpoints by ``--clients``
+    concurrent clients per node (each with its own signing key, one batch in
+    flight), and a transaction counts once the node acknowledges it, i.e. once
+    it is in a durable block on that node (every node derives the same block from
+    etcd); throughput is acknowledged transactions over the wall time from the
+    first post to the last acknowledgement;
+(c) commit latency per transaction, p50 and p99: at saturation (acknowledgement
+    time minus the time its batch was posted), and at a fixed offered load
+    (``--rate``, default half the saturation throughput, in batches of
+    ``--rate-batch`` spread over the clients; latency is measured from the time
+    each batch was *scheduled*, so a slow answer delays the next batch's clock
+    rather than hiding it);
+(d) that all three nodes end at the same height with the same log and state
+    roots.
+
+Run: ``.venv/bin/python bench/bench_consortium.py [--quick] [--sqlite]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aetcd
+import httpx
+
+from medledger.consortium import network as net
+from medledger.crypto.keystore import Keystore
+from medledger.crypto.signing import SigningKey
+from medledger.encoding import decode, encode
+from medledger.ledger.tx import Transaction, make_tx
+
+PG_ADMIN = os.environ.get("MEDLEDGER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+async def etcd_puts(port: int, seconds: float, in_flight: int) -> float:
+    """Raw puts per second (aetcd) with ``in_flight`` concurrent requests."""
+    value = os.urandom(200)
+    done = 0
+    async with aetcd.Client(host="127.0.0.1", port=port) as client:
+        deadline = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            nonlocal done
+            i = 0
+            while time.perf_counter() < deadline:
+                await client.put(f"/bench/{w}/{i}".encode(), value)
+                i += 1
+                done += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(in_flight)))
+        elapsed = time.perf_counter() - t0
+        await client.delete_prefix(b"/bench/")
+    return done / elapsed
+
+
+def presign(key: SigningKey, network: str, n: int, first_seq: int = 1) -> list[Transaction]:
+    now = int(time.time() * 1000)
+    return [
+        make_tx(
+            key,
+            network,
+            "note.anchor",
+            {"digest": hashlib.sha256(key.key_id + i.to_bytes(8, "big")).digest()},
+            seq=i,
+            time=now,
+        )
+        for i in range(first_seq, first_seq + n)
+    ]
+
+
+async def client_loop(
+    http: httpx.AsyncClient,
+    url: str,
+    txs: list[Transaction],
+    batch: int,
+    latencies: list[float],
+    acked: list[float],
+) -> None:
+    for start in range(0, len(txs), batch):
+        chunk = txs[start : start + batch]
+        t0 = time.perf_counter()
+        resp = await http.post(url, content=encode([t.raw for t in chunk]))
+        t1 = time.perf_counter()
+        resp.raise_for_status()
+        results = decode(resp.content)
+        bad = [r for r in results if not r["ok"]]
+        if bad:
+            raise RuntimeError(f"{len(bad)} transactions rejected: {bad[0]}")
+        latencies.extend([t1 - t0] * len(chunk))
+        acked.append(t1)
+
+
+async def run_load(
+    layout: dict[str, Any], keys: dict[str, list[SigningKey]], per_client: int, batch: int
+) -> dict[str, float]:
+    network = layout["network"]
+    work = []
+    for node in layout["nodes"]:
+        for key in keys[node["org"]]:
+            work.append((node["peer"] + "/ledger/v1/txs", presign(key, network, per_client)))
+    latencies: list[float] = []
+    acked: list[float] = []
+    limits = httpx.Limits(max_connections=len(work) + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(client_loop(http, url, txs, batch, latencies, acked) for url, txs in work)
+        )
+        elapsed = max(acked) - t0
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "txs": n,
+        "seconds": elapsed,
+        "tx_s": n / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
+    }
+
+
+async def paced_loop(
+    http: httpx.AsyncClient,
+    url: str,
+    txs: list[Transaction],
+    batch: int,
+    interval: float,
+    latencies: list[float],
+) -> None:
+    """Post a batch every ``interval`` seconds (one in flight); latency from the schedule."""
+    start = time.perf_counter()
+    for i, first in enumerate(range(0, len(txs), batch)):
+        due = start + i * interval
+        now = time.perf_counter()
+        if due > now:
+            await asyncio.sleep(due - now)
+        chunk = txs[first : first + batch]
+        resp = await http.post(url, content=encode([t.raw for t in chunk]))
+        done = time.perf_counter()
+        resp.raise_for_status()
+        if not all(r["ok"] for r in decode(resp.content)):
+            raise RuntimeError("transactions rejected")
+        latencies.extend([done - due] * len(chunk))
+
+
+async def run_paced(
+    layout: dict[str, Any],
+    keys: dict[str, list[SigningKey]],
+    rate: float,
+    seconds: float,
+    batch: int,
+    first_seq: int,
+) -> dict[str, float]:
+    network = layout["network"]
+    clients = [(n["peer"] + "/ledger/v1/txs", k) for n in layout["nodes"] for k in keys[n["org"]]]
+    per_client = max(batch, int(rate * seconds / len(clients)))
+    interval = batch * len(clients) / rate
+    work = [(url, presign(key, network, per_client, first_seq)) for url, key in clients]
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=len(work) + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(paced_loop(http, url, txs, batch, interval, latencies) for url, txs in work)
+        )
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "offered": rate,
+        "txs": n,
+        "tx_s": n / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
+    }
+
+
+async def heads(layout: dict[str, Any]) -> set[tuple[int, str, str]]:
+    async with httpx.AsyncClient(timeout=10) as http:
+        out = set()
+        for node in layout["nodes"]:
+            h = (await http.get(node["peer"] + "/health")).json()
+            out.add((h["height"], h["log_root"], h["state_root"]))
+        return out
+
+
+async def converge(layout: dict[str, Any], within: float = 60) -> tuple[int, str, str]:
+    deadline = time.monotonic() + within
+    while True:
+        got = await heads(layout)
+        if len(got) == 1:
+            return next(iter(got))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nodes did not converge: {got}")
+        await asyncio.sleep(0.5)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run")
+    parser.add_argument("--sqlite", action="store_true", help="SQLite instead of PostgreSQL")
+    parser.add_argument("--clients", type=int, default=4, help="clients (keys) per node")
+    parser.add_argument("--batch", type=int, default=100, help="transactions per post")
+    parser.add_argument("--txs", type=int, default=0, help="transactions per client")
+    parser.add_argument("--rate", type=float, default=0, help="offered tx/s for (c)")
+    parser.add_argument("--rate-batch", type=int, default=20, help="batch size for (c)")
+    args = parser.parse_args()
+    per_client = args.txs or (500 if args.quick else 2500)
+
+    with tempfile.TemporaryDirectory(prefix="medledger-bench-") as tmp:
+        d = Path(tmp) / "net"
+        t0 = time.perf_counter()
+        layout = net.create_network(
+            d,
+            orgs=3,
+            sqlite=args.sqlite,
+            network="medledger-bench",
+            pg_admin=PG_ADMIN,
+            load_keys=args.clients,
+            fhir=False,
+            gossip_interval=1.0,
+        )
+        try:
+            net.start_network(d)
+            print(f"network up in {time.perf_counter() - t0:.1f} s ({d})")
+            keys = {
+                n["org"]: [
+                    Keystore(Path(n["data_dir"]) / "keys").load(f"load-{n['org']}-{i}").signing
+                    for i in range(args.clients)
+                ]
+                for n in layout["nodes"]
+            }
+            port = layout["etcd"]["members"][0]["client_port"]
+            seconds = 1.5 if args.quick else 3.0
+            seq = asyncio.run(etcd_puts(port, seconds, 1))
+            par = asyncio.run(etcd_puts(port, seconds, 64))
+            res = asyncio.run(run_load(layout, keys, per_client, args.batch))
+            rate = args.rate or round(res["tx_s"] / 2, -1)
+            paced = asyncio.run(
+                run_paced(layout, keys, rate, seconds * 2, args.rate_batch, per_client + 1)
+            )
+            height, log_root, state_root = asyncio.run(converge(layout))
+        finally:
+            net.stop_network(d, purge=True)
+
+    store = "SQLite" if args.sqlite else "PostgreSQL"
+    print()
+    print(f"three node processes, {store} stores, etcd 3 members, all on this machine")
+    print(f"{args.clients} clients per node, {args.batch} transactions per post")
+    print()
+    print(f"{'measure':<44}{'value':>14}")
+    print(f"{'raw etcd puts/s, 1 in flight (aetcd)':<44}{seq:>14,.0f}")
+    print(f"{'raw etcd puts/s, 64 in flight (aetcd)':<44}{par:>14,.0f}")
+    print(f"{'committed transactions/s (acknowledged)':<44}{res['tx_s']:>14,.0f}")
+    print(f"{'  ratio to 64-in-flight etcd puts':<44}{res['tx_s'] / par:>14.2f}")
+    print(f"{'  commit latency p50 / p99 at saturation (ms)':<44}", end="")
+    print(f"{res['p50_ms']:>7.0f} /{res['p99_ms']:>5.0f}")
+    print(f"{'  transactions':<44}{res['txs']:>14,}")
+    offered = f"offered load (tx/s, batches of {args.rate_batch})"
+    print(f"{offered:<44}{paced['offered']:>14,.0f}")
+    print(f"{'  committed transactions/s':<44}{paced['tx_s']:>14,.0f}")
+    print(f"{'  commit latency p50 / p99 (ms)':<44}", end="")
+    print(f"{paced['p50_ms']:>7.0f} /{paced['p99_ms']:>5.0f}")
+    print(f"{'final height (identical on all nodes)':<44}{height:>14,}")
+    print(f"log root {log_root[:16]}…, state root {state_root[:16]}…")
+
+
+if __name__ == "__main__":
+    main()

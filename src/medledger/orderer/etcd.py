@@ -1,0 +1,1060 @@
+"""The etcd orderer: every node of a consortium derives the same chain from etcd.
+
+etcd gives every write one cluster-wide revision, so its key space is a totally
+ordered, durable log (a write is acknowledged once a majority has fsynced it).
+This orderer uses that log and nothing else from etcd: no locks, no leases, no
+elections (Jepsen found etcd's locks unsafe).
+
+Keys, under ``<root>/<network>/`` (root defaults to ``/medledger``)::
+
+    genesis                   hash of block 0; created once, checked by every node
+    proposals/<org>/<nonce>   one proposal: a batch of transactions (see Proposal)
+    applied/<org>             {"rev", "height"}: how far that org's node has applied
+
+**Proposing.** A node collects submitted transactions into a proposal signed by
+its node key (domain ``medledger/proposal/v1``) and creates
+``proposals/<org>/<nonce>`` with a ``create_revision == 0`` transaction, retried
+under the same key until it succeeds or finds the key present, so an ambiguous
+write (a timeout) never lands twice. A node writes one proposal at a time, so its
+proposals are ordered as its submissions, and cuts the next one only once it has
+applied its previous one (``max_pending``): under load proposals grow rather than
+multiply, and every node pays the fixed cost of a block fewer times.
+
+**Deriving blocks.** Every node watches the proposals prefix from the revision
+after the last one it applied and turns the *creation* event of each proposal
+key (``version == 1``; at most one per revision) into the next block, in
+revision order. Block time and proposer come from the proposal (never from the
+local clock), so headers are byte-identical on every node. The decision is a pure
+function of the ordered log and the previous committed state:
+
+1. the value parses as a canonical proposal for this network, its key is
+   ``proposals/<org>/<nonce hex>`` of its own fields, and it holds 1..10,000 txs;
+2. its proposer key is the current node key of ``org`` (an active member) and its
+   signature verifies;
+3. it is not stale: the previous block's time is at most the network's
+   ``max_tx_skew_ms`` after the proposal time (old proposals replayed later are
+   dropped whole);
+4. its transactions go through :func:`medledger.ledger.apply.build_block` as
+   usual: a transaction already on the ledger or earlier in the block is refused
+   (``ReplayedTransaction``), so a proposal replayed into etcd (same key or a new
+   one) never applies anything twice. A proposal of which nothing is accepted
+   makes no block.
+
+Overwrites of a proposal key, deletions and unrelated keys are ignored.
+
+**Signatures.** The block record's signature (``BlockRecord.sig``) is made by the
+node that stored the block over the (identical) header hash; the header's
+``proposer`` names the proposing node, whose signature over the proposal every
+node checked before deriving the block (the proposal itself is not kept on the
+ledger). Checkpoint notes are likewise signed by each node with its own key.
+
+**Position and restart.** Before committing block ``h`` derived from the proposal
+at revision ``r``, the node writes ``(h, r)`` into store metadata (two slots, by
+the parity of ``h``); after a proposal that makes no block it records
+``(head, r)``. On restart it resumes after the revision recorded for its head
+height: proposals after it made no block and are decided again on the same
+state, with the same outcome.
+
+**Submit.** ``submit`` resolves once the block holding the transaction is
+committed on *this* node (or with the rejection, or with :class:`OrdererError`
+after ``submit_timeout`` when etcd has no quorum: then nothing was acknowledged;
+the transaction may still commit later, and resubmitting it is always safe).
+
+**Compaction.** Nodes record their applied revision under ``applied/<org>``;
+:meth:`EtcdOrderer.compact` deletes proposals at or below the minimum of those
+records and compacts etcd's history there. A node whose next revision has been
+compacted cannot continue from etcd: it raises :class:`CatchUpRequired` (with the
+height it needs from peers) and must fetch signed blocks from other nodes, then
+record its position with :func:`write_position`. A node that stops for good
+holds compaction back until its ``applied/<org>`` key is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aetcd
+from aetcd import rpc as etcd_rpc
+
+from medledger.contracts.base import get_obj
+from medledger.contracts.core import k_key, k_org, k_principal
+from medledger.crypto.signing import SigningKey, VerifyKey
+from medledger.encoding import decode, encode
+from medledger.errors import (
+    EncodingError,
+    MalformedTransaction,
+    MedledgerError,
+    OrdererError,
+    TransactionRejected,
+)
+from medledger.ledger.tx import Transaction, check_signatures
+
+if TYPE_CHECKING:
+    from medledger.ledger.block import BlockHeader
+    from medledger.node import Node, Receipt
+    from medledger.state.base import StateReader
+    from medledger.store.base import LedgerStore
+
+__all__ = [
+    "MAX_PROPOSAL_BYTES",
+    "MAX_PROPOSAL_TXS",
+    "PROPOSAL_DOMAIN",
+    "CatchUpRequired",
+    "EtcdOrderer",
+    "InvalidProposal",
+    "Proposal",
+    "check_proposal",
+    "read_position",
+    "write_position",
+]
+
+log = logging.getLogger("medledger.orderer.etcd")
+T = TypeVar("T")
+
+PROPOSAL_DOMAIN = b"medledger/proposal/v1\x00"
+PROPOSAL_VERSION = 1
+#: etcd refuses requests over 1.5 MiB by default; stay well below
+MAX_PROPOSAL_BYTES = 1_000_000
+MAX_PROPOSAL_TXS = 10_000
+_NONCE_SIZE = 16
+_FIELDS = frozenset({"v", "net", "org", "proposer", "time", "nonce", "txs", "sig"})
+_POSITION_META = "orderer/etcd/position/{}"
+
+
+class CatchUpRequired(OrdererError):
+    """etcd no longer holds the history this node needs: fetch blocks from peers.
+
+    ``from_height`` is the first block height the node lacks and
+    ``compacted_revision`` a revision it needed that etcd no longer holds (the
+    compaction point or before it). After importing
+    verified blocks up to some height ``h`` whose etcd revision ``r`` a peer
+    reports, record it with :func:`write_position` and start the orderer again.
+    """
+
+    code = "catch-up"
+
+    def __init__(self, from_height: int, compacted_revision: int, message: str = "") -> None:
+        self.from_height = from_height
+        self.compacted_revision = compacted_revision
+        super().__init__(
+            message
+            or (
+                f"etcd history this node needs (revision {compacted_revision}) has been "
+                f"compacted: catch up from block {from_height} using other nodes' signed "
+                "blocks"
+            )
+        )
+
+
+class InvalidProposal(MedledgerError):
+    """A proposal in etcd is refused as a whole (every node refuses it alike)."""
+
+    code = "invalid-proposal"
+
+
+# -- proposals ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Proposal:
+    """A batch of transactions proposed by one node, signed by its node key."""
+
+    network: str
+    org: str
+    proposer: bytes  # key id of the proposing node key
+    time: int  # the proposer's clock (ms): becomes the block time
+    nonce: bytes
+    txs: tuple[bytes, ...]
+    sig: bytes
+    raw: bytes = field(repr=False, default=b"")
+
+    @staticmethod
+    def _body(
+        network: str, org: str, proposer: bytes, time_ms: int, nonce: bytes, txs: Sequence[bytes]
+    ) -> dict[str, Any]:
+        return {
+            "v": PROPOSAL_VERSION,
+            "net": network,
+            "org": org,
+            "proposer": proposer,
+            "time": time_ms,
+            "nonce": nonce,
+            "txs": list(txs),
+        }
+
+    def signing_bytes(self) -> bytes:
+        body = self._body(self.network, self.org, self.proposer, self.time, self.nonce, self.txs)
+        return PROPOSAL_DOMAIN + encode(body)
+
+    @property
+    def id(self) -> bytes:
+        return hashlib.sha256(self.raw).digest()
+
+    @classmethod
+    def create(
+        cls,
+        key: SigningKey,
+        network: str,
+        org: str,
+        time_ms: int,
+        txs: Sequence[bytes],
+        nonce: bytes | None = None,
+    ) -> Proposal:
+        nonce = os.urandom(_NONCE_SIZE) if nonce is None else nonce
+        body = cls._body(network, org, key.key_id, time_ms, nonce, txs)
+        body["sig"] = key.sign(PROPOSAL_DOMAIN + encode(body))
+        raw = encode(body)
+        return cls(network, org, key.key_id, time_ms, nonce, tuple(txs), body["sig"], raw)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Proposal:
+        """Parse canonical proposal bytes (structure only; see :func:`check_proposal`)."""
+        if len(raw) > MAX_PROPOSAL_BYTES * 3 // 2:
+            raise InvalidProposal("proposal too large")
+        try:
+            m = decode(raw)
+        except EncodingError as exc:
+            raise InvalidProposal(f"proposal is not canonical CBOR: {exc}") from exc
+        if not isinstance(m, dict) or set(m) != _FIELDS:
+            raise InvalidProposal("proposal has the wrong fields")
+        if m["v"] != PROPOSAL_VERSION or isinstance(m["v"], bool):
+            raise InvalidProposal(f"unsupported proposal version {m['v']!r}")
+        net, org, proposer, t, nonce, txs, sig = (
+            m["net"],
+            m["org"],
+            m["proposer"],
+            m["time"],
+            m["nonce"],
+            m["txs"],
+            m["sig"],
+        )
+        if not isinstance(net, str) or not isinstance(org, str) or not org or "/" in org:
+            raise InvalidProposal("proposal net/org must be strings (org without '/')")
+        if not isinstance(proposer, bytes) or not isinstance(sig, bytes) or len(sig) != 64:
+            raise InvalidProposal("proposal proposer/sig malformed")
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise InvalidProposal("proposal time must be a non-negative integer")
+        if not isinstance(nonce, bytes) or len(nonce) != _NONCE_SIZE:
+            raise InvalidProposal(f"proposal nonce must be {_NONCE_SIZE} bytes")
+        if not isinstance(txs, list) or not 1 <= len(txs) <= MAX_PROPOSAL_TXS:
+            raise InvalidProposal(f"a proposal holds 1..{MAX_PROPOSAL_TXS} transactions")
+        if not all(isinstance(x, bytes) for x in txs):
+            raise InvalidProposal("proposal transactions must be byte strings")
+        return cls(net, org, proposer, t, nonce, tuple(txs), sig, bytes(raw))
+
+
+def check_proposal(
+    state: StateReader, prev: BlockHeader, config: Mapping[str, Any], p: Proposal
+) -> None:
+    """Refuse (:class:`InvalidProposal`) a proposal that must not become a block.
+
+    Pure: reads only the committed state and the previous header, so every node
+    decides the same.
+    """
+    if p.network != config["network"]:
+        raise InvalidProposal(f"proposal is for network {p.network!r}")
+    key = get_obj(state, k_key(p.proposer))
+    if key is None:
+        raise InvalidProposal(f"proposer key {p.proposer.hex()} is not registered")
+    height = prev.height + 1
+    if key["until"] is not None and height >= key["until"]:
+        raise InvalidProposal(f"proposer key {p.proposer.hex()} was retired")
+    principal = get_obj(state, k_principal(key["principal"])) or {}
+    if principal.get("kind") != "node" or principal.get("org") != p.org:
+        raise InvalidProposal(f"proposer key is not the node key of {p.org}")
+    if principal.get("status") != "active":
+        raise InvalidProposal(f"node of {p.org} is {principal.get('status')}")
+    org = get_obj(state, k_org(p.org))
+    if org is None or org.get("status") != "active":
+        raise InvalidProposal(f"organisation {p.org} is not an active member")
+    if not VerifyKey(key["pub"]).is_valid(p.sig, p.signing_bytes()):
+        raise InvalidProposal("proposal signature does not verify")
+    skew = int(config["policy"]["max_tx_skew_ms"])
+    if prev.time - p.time > skew:
+        raise InvalidProposal(
+            f"stale proposal: time {p.time} is more than {skew} ms before block time {prev.time}"
+        )
+
+
+# -- position in the etcd log (store metadata) ----------------------------------------------
+
+
+def write_position(store: LedgerStore, height: int, revision: int) -> None:
+    """Record that the proposals up to ``revision`` are applied, with head ``height``.
+
+    Written *before* block ``height`` commits (slot by parity, so the previous
+    height's record survives a crash in between) and after a proposal that made
+    no block. Also what catch-up calls after importing blocks from peers.
+    """
+    store.set_meta(_POSITION_META.format(height % 2), encode({"height": height, "rev": revision}))
+
+
+def read_position(store: LedgerStore) -> tuple[int, int] | None:
+    """(head height, etcd revision) for the store's head block, or None if unknown."""
+    head = store.head_height()
+    if head is None:
+        return None
+    raw = store.get_meta(_POSITION_META.format(head % 2))
+    if raw is None:
+        return None
+    rec = decode(raw)
+    if rec.get("height") != head:
+        return None
+    return head, int(rec["rev"])
+
+
+# -- etcd connection with endpoint failover -------------------------------------------------
+# (asyncio.timeout, never asyncio.wait_for, in the long-running tasks: on Python 3.11
+# wait_for drops a cancellation that arrives as the awaited operation completes, and a
+# task that loses its cancellation makes stop() hang.)
+
+_TRANSIENT = (aetcd.ClientError, asyncio.TimeoutError, OSError)
+
+
+class _Conn:
+    """One aetcd client at a time, moving to the next endpoint after a failure."""
+
+    def __init__(self, endpoints: Sequence[tuple[str, int]], timeout: float, start: int = 0):
+        self.endpoints = list(endpoints)
+        self.timeout = timeout
+        self._i = start % len(self.endpoints)
+        self._client: Any = None
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.endpoints[self._i]
+        return f"{host}:{port}"
+
+    async def client(self) -> Any:
+        if self._client is None:
+            host, port = self.endpoints[self._i]
+            client = aetcd.Client(host=host, port=port, timeout=self.timeout)
+            await client.connect()
+            self._client = client
+        return self._client
+
+    async def rotate(self) -> None:
+        await self.close()
+        self._i = (self._i + 1) % len(self.endpoints)
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(2.0):
+                    await client.close()
+
+
+def _range_request(
+    key: bytes,
+    range_end: bytes,
+    *,
+    revision: int = 0,
+    limit: int = 0,
+    keys_only: bool = False,
+    count_only: bool = False,
+    sort_create_desc: bool = False,
+) -> Any:
+    req = etcd_rpc.RangeRequest(
+        key=key,
+        range_end=range_end,
+        revision=revision,
+        limit=limit,
+        keys_only=keys_only,
+        count_only=count_only,
+    )
+    if sort_create_desc:
+        req.sort_order = etcd_rpc.RangeRequest.DESCEND
+        req.sort_target = etcd_rpc.RangeRequest.CREATE
+    return req
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    end: bytes = aetcd.utils.prefix_range_end(prefix)
+    return end
+
+
+# -- the orderer ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Item:
+    tx: Transaction
+    fut: asyncio.Future[Receipt]
+    size: int
+
+
+@dataclass(slots=True)
+class _Event:
+    rev: int
+    key: bytes
+    value: bytes
+    proposal: bool  # False: not a proposal creation (ignored, only advances progress)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    event: _Event
+    proposal: Proposal | None
+    reason: str
+    txs: list[Transaction]
+    positions: list[int]  # position in the proposal of each parsed transaction
+    malformed: dict[int, TransactionRejected]
+    verdicts: list[bool] | None
+
+
+class EtcdOrderer:
+    """Orders transactions for ``node`` through an etcd cluster (see module docstring).
+
+    Options: ``root`` key prefix root; ``org`` (default: the node's first signer);
+    ``max_batch`` / ``max_bytes`` per proposal; ``max_wait`` seconds to gather a
+    proposal once the first transaction arrives; ``submit_timeout`` seconds before
+    an unacknowledged submit fails with :class:`OrdererError`; ``request_timeout``
+    per etcd request; ``verify_workers`` processes checking transaction signatures
+    (0: inline); ``report_interval`` seconds between ``applied/<org>`` updates;
+    ``compact_interval`` seconds between automatic :meth:`compact` runs (None: only
+    when called); ``max_pending`` proposals of this node landed in etcd but not yet
+    applied here before it waits (1: the largest blocks, the fewest per second).
+    """
+
+    def __init__(
+        self,
+        node: Node,
+        endpoints: Sequence[tuple[str, int]],
+        *,
+        root: str = "/medledger",
+        org: str | None = None,
+        key: SigningKey | None = None,
+        max_batch: int = 2000,
+        max_bytes: int = MAX_PROPOSAL_BYTES,
+        max_wait: float = 0.002,
+        submit_timeout: float = 10.0,
+        request_timeout: float = 2.0,
+        verify_workers: int = 1,
+        parallel_threshold: int = 64,
+        report_interval: float = 0.5,
+        compact_interval: float | None = 60.0,
+        max_pending: int = 1,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("the etcd orderer needs at least one endpoint")
+        if not 1 <= max_batch <= MAX_PROPOSAL_TXS or max_bytes > MAX_PROPOSAL_BYTES:
+            raise ValueError(f"max_batch must be 1..{MAX_PROPOSAL_TXS}, max_bytes <= 1 MB")
+        if not node.signers and (org is None or key is None):
+            raise ValueError("the etcd orderer needs the node's organisation and key")
+        self._node = node
+        self.org: str = org if org is not None else node.signers[0][0]
+        self._key: SigningKey = key if key is not None else node.signers[0][1]
+        self.endpoints = list(endpoints)
+        self.prefix = f"{root.rstrip('/')}/{node.network}/".encode()
+        self._p_genesis = self.prefix + b"genesis"
+        self._p_proposals = self.prefix + b"proposals/"
+        self._p_applied = self.prefix + b"applied/"
+        self._max_batch = max_batch
+        self._max_bytes = max_bytes
+        self._max_wait = max_wait
+        self._submit_timeout = submit_timeout
+        self._request_timeout = request_timeout
+        self._verify_workers = verify_workers
+        self._parallel_threshold = parallel_threshold
+        self._report_interval = report_interval
+        self._compact_interval = compact_interval
+        self._max_pending = max(1, max_pending)
+        self._pool: ProcessPoolExecutor | None = None
+        # connections: writes and reads; the watch stream has its own
+        self._conn = _Conn(endpoints, request_timeout)
+        self._watch_conn = _Conn(endpoints, request_timeout)
+        self._aux_conn = _Conn(endpoints, request_timeout)  # applied records, compaction
+
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._inflight: dict[bytes, list[_Item]] = {}
+        self._events: asyncio.Queue[_Event] = asyncio.Queue(maxsize=32)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._closed = False
+        self._failure: OrdererError | None = None
+        self._last_error = ""
+
+        self.base_revision = 0  # revision of the genesis key: the network's first
+        self.height = 0  # head height after the last applied proposal
+        self.revision = 0  # durable: every proposal <= revision is applied
+        self._next_rev = 1  # next revision the watch must deliver
+        self._done_rev = 0  # every event up to here has been handled
+        self._landed_rev = 0  # highest revision at which one of our proposals landed
+        self._watch_alive_at = 0.0  # when the watch last delivered (or was created)
+        self._progress = asyncio.Condition()
+        self._reported = 0
+        self._carry: _Item | None = None
+
+    # -- public ---------------------------------------------------------------------------
+    @property
+    def failure(self) -> OrdererError | None:
+        """Why the orderer stopped deriving blocks (e.g. :class:`CatchUpRequired`)."""
+        return self._failure
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """(head height, etcd revision applied through)."""
+        return self.height, self.revision
+
+    def enqueue(self, tx: Transaction) -> asyncio.Future[Receipt]:
+        """Queue ``tx`` for the next proposal; the future resolves once it is committed here."""
+        if self._failure is not None:
+            raise self._failure
+        if self._closed or not self._started:
+            raise OrdererError("the etcd orderer is not running; not committed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        self._queue.put_nowait(_Item(tx, fut, len(tx.raw) + 8))
+        loop.call_later(self._submit_timeout, self._expire, fut)
+        return fut
+
+    async def submit(self, tx: Transaction) -> Receipt:
+        return await self.enqueue(tx)
+
+    async def start(self) -> None:
+        """Join the network in etcd, apply everything ordered so far, then accept submits.
+
+        Raises :class:`CatchUpRequired` when etcd's history no longer reaches back
+        to this node's position, :class:`OrdererError` when etcd is unreachable or
+        belongs to another network.
+        """
+        if self._started:
+            return
+        try:
+            await self._join()
+        except BaseException:
+            for conn in (self._conn, self._watch_conn, self._aux_conn):
+                await conn.close()
+            raise
+        self._started = True
+        await self._verify([])  # start the signature worker now, not on the first proposal
+        self._spawn(self._watch_loop(), "watch")
+        self._spawn(self._apply_loop(), "apply")
+        try:
+            target = await self._latest_proposal_revision()
+            await self.wait_revision(target)
+        except BaseException:
+            await self.stop()
+            raise
+        self._spawn(self._propose_loop(), "propose")
+        self._spawn(self._report_loop(), "report")
+        if self._compact_interval is not None:
+            self._spawn(self._compact_loop(), "compact")
+
+    async def stop(self) -> None:
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._fail_all(OrdererError("the node is shutting down; not committed"))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        for conn in (self._conn, self._watch_conn, self._aux_conn):
+            await conn.close()
+
+    async def wait_revision(self, revision: int) -> None:
+        """Wait until every proposal up to ``revision`` has been applied on this node.
+
+        ``revision`` must be that of a write under the proposals prefix (e.g. where a
+        proposal landed), or an earlier one: other keys produce no watch event. Raises
+        the orderer's failure (e.g. :class:`CatchUpRequired`) if it stops.
+        """
+        async with self._progress:
+            while self._done_rev < revision:
+                if self._failure is not None:
+                    raise self._failure
+                await self._progress.wait()
+
+    async def sync(self) -> None:
+        """Wait until this node has applied every proposal in etcd right now."""
+        await self.wait_revision(await self._latest_proposal_revision())
+
+    async def compact(self) -> int | None:
+        """Delete proposals every node applied and compact etcd's history below them.
+
+        The floor is the minimum revision recorded under ``applied/`` (nodes that
+        never recorded one are not waited for: they catch up from peers). Returns
+        the revision compacted at, or None when there is nothing to do.
+        """
+        client = await self._aux_conn.client()
+        try:
+            got = await client.get_prefix(self._p_applied)
+            revs = [int(decode(kv.value)["rev"]) for kv in got]
+            if not revs:
+                return None
+            floor = min(revs)
+            keys = await client.get_prefix(self._p_proposals, keys_only=True)
+            stale = [kv.key for kv in keys if kv.mod_revision <= floor]
+            tx = client.transactions
+            for i in range(0, len(stale), 100):
+                chunk = stale[i : i + 100]
+                await client.transaction(
+                    compare=[], success=[tx.delete(k) for k in chunk], failure=[]
+                )
+            try:
+                await client.compact(floor)
+            except aetcd.ClientError as exc:
+                if "compacted" not in str(exc):
+                    raise
+            log.info("etcd history compacted at revision %d", floor)
+            return floor
+        except _TRANSIENT as exc:
+            await self._aux_conn.rotate()
+            raise OrdererError(f"etcd compaction failed: {exc}") from exc
+
+    # -- joining --------------------------------------------------------------------------
+    async def _join(self) -> None:
+        node = self._node
+        header, _ = await node.get_block(0)
+        genesis_hash = header.hash
+        base, current = await self._with_retry(lambda c: self._ensure_genesis(c, genesis_hash))
+        self.base_revision = base
+        pos = await node.storage(read_position)
+        head = node.head.height
+        if pos is None:
+            if head != 0:
+                raise OrdererError(
+                    f"this ledger has {head} blocks but no recorded etcd position: it was not "
+                    "built by the etcd orderer (import blocks with write_position)"
+                )
+            pos = (0, base)
+        self.height, self.revision = pos
+        self._next_rev = self.revision + 1
+        self._done_rev = self.revision
+        self._reported = 0
+        if self._next_rev <= current:
+            await self._with_retry(lambda c: self._check_not_compacted(c, self._next_rev))
+
+    async def _ensure_genesis(self, client: Any, genesis_hash: bytes) -> tuple[int, int]:
+        tx = client.transactions
+        await client.transaction(
+            compare=[tx.create(self._p_genesis) == 0],
+            success=[tx.put(self._p_genesis, genesis_hash)],
+            failure=[],
+        )
+        got = await client.get(self._p_genesis)
+        if got is None:  # pragma: no cover - deleted by hand in between
+            raise OrdererError("etcd lost the network's genesis key")
+        if got.value != genesis_hash:
+            raise OrdererError(
+                f"etcd prefix {self.prefix.decode()} belongs to a different network (genesis "
+                f"{bytes(got.value).hex()[:16]}..., ours {genesis_hash.hex()[:16]}...)"
+            )
+        return int(got.create_revision), int(got.header.revision)
+
+    async def _check_not_compacted(self, client: Any, revision: int) -> None:
+        req = _range_request(
+            self._p_proposals, _prefix_end(self._p_proposals), revision=revision, count_only=True
+        )
+        try:
+            await client.kvstub.Range(req, timeout=self._request_timeout)
+        except etcd_rpc.AioRpcError as exc:
+            if exc.code() == etcd_rpc.StatusCode.OUT_OF_RANGE and "compacted" in (
+                exc.details() or ""
+            ):
+                raise CatchUpRequired(self.height + 1, revision) from None
+            aetcd.exceptions._handle_exception(exc)
+
+    async def _latest_proposal_revision(self) -> int:
+        """Create revision of the newest live proposal key (0 if none)."""
+
+        async def _get(client: Any) -> int:
+            req = _range_request(
+                self._p_proposals,
+                _prefix_end(self._p_proposals),
+                limit=1,
+                keys_only=True,
+                sort_create_desc=True,
+            )
+            try:
+                resp = await client.kvstub.Range(req, timeout=self._request_timeout)
+            except etcd_rpc.AioRpcError as exc:
+                aetcd.exceptions._handle_exception(exc)
+                raise  # pragma: no cover - _handle_exception always raises
+            return int(resp.kvs[0].create_revision) if resp.kvs else 0
+
+        return await self._with_retry(_get)
+
+    async def _with_retry(self, fn: Callable[[Any], Awaitable[T]], attempts: int = 3) -> T:
+        """Run ``fn(client)`` against the cluster, trying other endpoints on failure."""
+        last: BaseException | None = None
+        for _ in range(max(attempts, len(self.endpoints))):
+            try:
+                return await fn(await self._conn.client())
+            except CatchUpRequired:
+                raise
+            except _TRANSIENT as exc:
+                last = exc
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                await self._conn.rotate()
+        eps = ", ".join(f"{h}:{p}" for h, p in self.endpoints)
+        raise OrdererError(f"etcd cluster unreachable at {eps}: {last}") from last
+
+    # -- tasks ----------------------------------------------------------------------------
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def _guard() -> None:
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except OrdererError as exc:
+                self._fail(exc)
+            except Exception as exc:
+                log.exception("etcd orderer %s task failed", name)
+                self._fail(OrdererError(f"etcd orderer {name} task failed: {exc}"))
+
+        self._tasks.append(asyncio.create_task(_guard(), name=f"medledger-etcd-{name}"))
+
+    def _fail(self, exc: OrdererError) -> None:
+        if self._failure is None:
+            self._failure = exc
+            log.error("etcd orderer stopped: %s", exc)
+        self._fail_all(exc)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._progress:
+            self._progress.notify_all()
+
+    def _fail_all(self, exc: OrdererError) -> None:
+        for items in self._inflight.values():
+            for it in items:
+                if not it.fut.done():
+                    it.fut.set_exception(exc)
+        self._inflight.clear()
+        while not self._queue.empty():
+            it = self._queue.get_nowait()
+            if not it.fut.done():
+                it.fut.set_exception(exc)
+
+    def _expire(self, fut: asyncio.Future[Receipt]) -> None:
+        if fut.done():
+            return
+        if self._last_error:
+            why = (
+                "the etcd cluster is unavailable or has no quorum "
+                f"(last etcd error: {self._last_error})"
+            )
+        else:
+            why = "it was not ordered and applied on this node in time"
+        fut.set_exception(
+            OrdererError(
+                f"not committed within {self._submit_timeout:g} s: {why}. Nothing was "
+                "acknowledged; the transaction may still commit later, and resubmitting "
+                "it is safe (duplicates are refused)"
+            )
+        )
+
+    # -- proposing ------------------------------------------------------------------------
+    async def _collect(self) -> list[_Item]:
+        loop = asyncio.get_running_loop()
+        first, self._carry = self._carry, None
+        if first is None:
+            first = await self._queue.get()
+        batch, size = [first], first.size
+        deadline = loop.time() + self._max_wait
+        while len(batch) < self._max_batch:
+            if self._queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        item = await self._queue.get()
+                except TimeoutError:
+                    break
+            else:
+                item = self._queue.get_nowait()
+            if size + item.size > self._max_bytes:
+                self._carry = item  # first of the next proposal: submission order is kept
+                break
+            batch.append(item)
+            size += item.size
+        return batch
+
+    async def _propose_loop(self) -> None:
+        # Self-clocking: a new proposal is cut only while fewer than ``max_pending`` of
+        # this node's proposals are landed but not yet applied here, so under load
+        # proposals (and blocks) grow instead of multiplying: every node pays a fixed
+        # cost per block.
+        pending: collections.deque[int] = collections.deque()
+        while True:
+            while pending and pending[0] <= self._done_rev:
+                pending.popleft()
+            if len(pending) >= self._max_pending:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._submit_timeout):
+                        await self.wait_revision(pending[0])
+                if pending[0] > self._done_rev:
+                    pending.popleft()  # not applied in time (watch trouble): do not stall
+                continue
+            batch = [it for it in await self._collect() if not it.fut.done()]
+            if not batch:
+                continue
+            p = Proposal.create(
+                self._key,
+                self._node.network,
+                self.org,
+                self._node.clock(),
+                [it.tx.raw for it in batch],
+            )
+            key = self._p_proposals + f"{self.org}/{p.nonce.hex()}".encode()
+            self._inflight[key] = batch
+            landed = await self._put_proposal(key, p.raw, batch)
+            if landed is None:
+                self._inflight.pop(key, None)
+            elif landed:
+                pending.append(landed)
+
+    async def _put_proposal(self, key: bytes, value: bytes, batch: list[_Item]) -> int | None:
+        """Create ``key`` once: its revision, 0 if an earlier attempt created it, None if not."""
+        delay = 0.05
+        while True:
+            try:
+                client = await self._conn.client()
+                tx = client.transactions
+                ok, responses = await client.transaction(
+                    compare=[tx.create(key) == 0], success=[tx.put(key, value)], failure=[]
+                )
+                self._last_error = ""
+                if not (ok and responses):
+                    return 0
+                rev = int(responses[0].response_put.header.revision)
+                self._landed_rev = max(self._landed_rev, rev)
+                return rev
+            except _TRANSIENT as exc:
+                self._last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("proposal write via %s failed: %s", self._conn.endpoint, exc)
+                await self._conn.rotate()
+            if all(it.fut.done() for it in batch):
+                return None  # every submitter has been answered (timed out)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    # -- watching -------------------------------------------------------------------------
+    async def _watch_loop(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                client = await self._watch_conn.client()
+                watch = await client.watch_prefix(self._p_proposals, start_revision=self._next_rev)
+            except aetcd.RevisionCompactedError as exc:
+                raise CatchUpRequired(self.height + 1, int(exc.compacted_revision)) from exc
+            except _TRANSIENT as exc:
+                log.warning("watch via %s failed: %s", self._watch_conn.endpoint, exc)
+                await self._watch_conn.rotate()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            self._watch_alive_at = time.monotonic()
+            consumer = asyncio.create_task(self._consume(watch))
+            try:
+                while not consumer.done():
+                    await asyncio.wait({consumer}, timeout=1.0)
+                    if not consumer.done() and self._stalled():
+                        log.warning("watch via %s stalled; reconnecting", self._watch_conn.endpoint)
+                        consumer.cancel()
+                        await asyncio.wait({consumer})
+            finally:
+                if not consumer.done():
+                    consumer.cancel()
+                    await asyncio.wait({consumer})
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(1.0):
+                        await watch.cancel()
+            error = None if consumer.cancelled() else consumer.exception()
+            if isinstance(error, aetcd.RevisionCompactedError):
+                raise CatchUpRequired(self.height + 1, int(error.compacted_revision)) from error
+            if error is not None and not isinstance(error, _TRANSIENT):
+                raise error
+            if error is not None:
+                log.warning("watch via %s ended: %s", self._watch_conn.endpoint, error)
+            await self._watch_conn.rotate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    def _stalled(self) -> bool:
+        """One of our proposals landed but the watch has not delivered anything for a while."""
+        return (
+            self._landed_rev >= self._next_rev
+            and time.monotonic() - self._watch_alive_at > 2 * self._request_timeout
+        )
+
+    async def _consume(self, watch: Any) -> None:
+        # Only the first event of each revision counts (a proposal is never written in a
+        # multi-key etcd transaction, so nothing honest is lost), and it is a proposal
+        # only if it creates its key (version 1): overwrites and deletions are ignored.
+        async for ev in watch:
+            self._watch_alive_at = time.monotonic()
+            kv = ev.kv
+            rev = int(kv.mod_revision)
+            if rev < self._next_rev:
+                continue  # a later event of the same revision, or a redelivery
+            creation = ev.kind == "PUT" and kv.version == 1
+            await self._events.put(_Event(rev, bytes(kv.key), bytes(kv.value), creation))
+            self._next_rev = rev + 1
+
+    # -- applying -------------------------------------------------------------------------
+    async def _apply_loop(self) -> None:
+        # while proposal N commits on the storage thread, proposal N+1 is parsed and its
+        # signatures are checked (in a worker process for large ones)
+        committing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                event = await self._events.get()
+                prepared = await self._prepare(event)
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._apply_and_notify(prepared))
+        finally:
+            if committing is not None and not committing.done():
+                committing.cancel()
+                await asyncio.wait({committing})
+
+    async def _apply_and_notify(self, prep: _Prepared) -> None:
+        try:
+            await self._apply(prep)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # storage failure: stop deriving blocks
+            log.exception("applying the proposal at revision %d failed", prep.event.rev)
+            self._fail(OrdererError(f"applying ordered proposals failed: {exc}"))
+            raise
+        async with self._progress:
+            self._done_rev = prep.event.rev
+            self._progress.notify_all()
+
+    async def _prepare(self, event: _Event) -> _Prepared:
+        empty = _Prepared(event, None, "", [], [], {}, None)
+        if not event.proposal:
+            return empty
+        try:
+            p = Proposal.from_bytes(event.value)
+        except InvalidProposal as exc:
+            empty.reason = str(exc)
+            return empty
+        expected = self._p_proposals + f"{p.org}/{p.nonce.hex()}".encode()
+        if event.key != expected:
+            empty.reason = "proposal stored under a key that does not match its org and nonce"
+            return empty
+        txs: list[Transaction] = []
+        positions: list[int] = []
+        malformed: dict[int, TransactionRejected] = {}
+        for i, raw in enumerate(p.txs):
+            try:
+                txs.append(Transaction.from_bytes(raw))
+                positions.append(i)
+            except MalformedTransaction as exc:
+                malformed[i] = exc
+        verdicts = await self._verify([tx.raw for tx in txs])
+        return _Prepared(event, p, "", txs, positions, malformed, verdicts)
+
+    async def _verify(self, raws: list[bytes]) -> list[bool] | None:
+        if self._verify_workers == 0 or 0 < len(raws) < self._parallel_threshold:
+            return None
+        try:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self._verify_workers, mp_context=mp.get_context("spawn")
+                )
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, check_signatures, raws)
+        except (BrokenProcessPool, OSError, RuntimeError) as exc:
+            log.warning("signature workers unavailable (%s); checking inline", exc)
+            self._verify_workers = 0
+            return None
+
+    async def _apply(self, prep: _Prepared) -> None:
+        node = self._node
+        ev = prep.event
+        items = self._inflight.pop(ev.key, None) if ev.proposal else None
+        p = prep.proposal
+        if p is None:
+            if ev.proposal:
+                log.warning("ignoring proposal %s at revision %d: %s", ev.key, ev.rev, prep.reason)
+                self._refuse(items, prep.reason)
+                await self._skip(ev.rev)
+            return
+
+        def _check(state: StateReader, head: BlockHeader) -> None:
+            check_proposal(state, head, node.config, p)
+
+        rev = ev.rev
+        try:
+            results = await node.commit_batch(
+                prep.txs,
+                prep.verdicts,
+                block_time=p.time,
+                proposer=p.proposer,
+                precheck=_check,
+                before_write=lambda store, h: write_position(store, h, rev),
+                if_empty=lambda store, h: write_position(store, h, rev),
+            )
+        except InvalidProposal as exc:
+            log.warning("refusing proposal %s at revision %d: %s", ev.key, rev, exc)
+            self._refuse(items, str(exc))
+            await self._skip(rev)
+            return
+        self.height, self.revision = node.head.height, rev
+        if items is not None:
+            by_pos: dict[int, Receipt | TransactionRejected] = dict(prep.malformed)
+            by_pos.update(zip(prep.positions, results, strict=True))
+            for i, it in enumerate(items):
+                if it.fut.done():
+                    continue
+                res = by_pos[i]
+                if isinstance(res, TransactionRejected):
+                    it.fut.set_exception(res)
+                else:
+                    it.fut.set_result(res)
+
+    async def _skip(self, rev: int) -> None:
+        height = self._node.head.height
+        await self._node.storage(lambda store: write_position(store, height, rev))
+        self.height, self.revision = height, rev
+
+    @staticmethod
+    def _refuse(items: list[_Item] | None, reason: str) -> None:
+        for it in items or []:
+            if not it.fut.done():
+                it.fut.set_exception(OrdererError(f"proposal refused by the network: {reason}"))
+
+    # -- reporting and compaction -----------------------------------------------------------
+    async def _report_loop(self) -> None:
+        key = self._p_applied + self.org.encode()
+        while True:
+            if self.revision > self._reported:
+                rev, height = self.revision, self.height
+                try:
+                    client = await self._aux_conn.client()
+                    await client.put(key, encode({"rev": rev, "height": height}))
+                    self._reported = rev
+                except _TRANSIENT:
+                    await self._aux_conn.rotate()
+            await asyncio.sleep(self._report_interval)
+
+    async def _compact_loop(self) -> None:
+        assert self._compact_interval is not None
+        while True:
+            await asyncio.sleep(self._compact_interval)
+            try:
+                await self.compact()
+            except OrdererError as exc:
+                log.warning("%s", exc)

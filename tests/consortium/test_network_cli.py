@@ -1,0 +1,85 @@
+"""``medledger network up / status / down`` and ``node status`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(300)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "medledger.cli_network", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def get(url: str) -> tuple[int, dict[str, object]]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.status, json.loads(resp.read())
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def test_network_up_status_down(tmp_path: Path) -> None:
+    d = tmp_path / "net"
+    up = cli("network", "up", "--orgs", "3", "--sqlite", "--dir", str(d), "--json")
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        doc = json.loads(up.stdout)
+        assert [n["org"] for n in doc["nodes"]] == ["org-1", "org-2", "org-3"]
+        assert doc["orderer"].startswith("etcd://") and len(doc["etcd"]) == 3
+        pids = [n["pid"] for n in doc["nodes"]] + list(doc["etcd"].values())
+        assert all(alive(p) for p in pids)
+        for n in doc["nodes"]:
+            status, health = get(n["peer"] + "/health")
+            assert status == 200 and health["phase"] == "serving" and health["members"] == 3
+            status, meta = get(n["fhir"] + "/metadata")
+            assert status == 200 and meta["resourceType"] == "CapabilityStatement"
+            status, health = get(n["fhir"].removesuffix("/fhir") + "/health")
+            assert status == 200 and health["org"] == n["org"]
+            assert n["store"].startswith("sqlite:///") and Path(n["config"]).exists()
+        st = cli("network", "status", "--dir", str(d))
+        assert st.returncode == 0, st.stdout + st.stderr
+        assert st.stdout.count("healthy") == 3 and "org-3: " in st.stdout
+        ns = cli("node", "status", "--config", doc["nodes"][1]["config"], "--json")
+        assert ns.returncode == 0 and json.loads(ns.stdout)["org"] == "org-2"
+
+        down = cli("network", "down", "--dir", str(d))
+        assert down.returncode == 0 and "stopped 6 processes" in down.stdout
+        assert not any(alive(p) for p in pids)
+        st = cli("network", "status", "--dir", str(d))
+        assert st.returncode == 1 and "DOWN" in st.stdout
+    finally:
+        purge = cli("network", "down", "--dir", str(d), "--purge")
+    assert purge.returncode == 0, purge.stderr
+    assert not d.exists()
+
+
+def test_errors_are_one_line(tmp_path: Path) -> None:
+    res = cli("network", "down", "--dir", str(tmp_path / "nothing"))
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0 and "holds no network" in res.stderr
+    bad = tmp_path / "node.toml"
+    bad.write_text('network = "x"\n')
+    res = cli("node", "status", "--config", str(bad))
+    assert res.returncode != 0 and "org is required" in res.stderr

@@ -1,0 +1,90 @@
+"""The node process wiring, in-process (embedded orderer, SQLite, no FHIR API)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medledger.consortium.config import HttpEndpoint, NodeConfig
+from medledger.consortium.network import free_port
+from medledger.consortium.process import NodeProcess
+from medledger.datadir import DataDir
+from medledger.encoding import decode, encode
+from medledger.errors import MedledgerError, OrdererError
+from medledger.ledger.tx import make_tx
+
+
+async def make_config(tmp_path: Path) -> NodeConfig:
+    dd = DataDir(tmp_path / "data")
+    node = await dd.init(network="medledger-proc", org="org-1")
+    await node.close()
+    return NodeConfig(
+        network="medledger-proc",
+        org="org-1",
+        data_dir=dd.path,
+        store=f"sqlite:///{dd.path / 'ledger2.db'}",  # created from the genesis on start
+        records=f"sqlite:///{dd.path / 'records.db'}",
+        orderer="embedded",
+        api=HttpEndpoint("127.0.0.1", free_port(), enabled=False),
+        peer=HttpEndpoint("127.0.0.1", free_port()),
+    )
+
+
+async def test_a_node_process_serves_halts_and_stops(tmp_path: Path) -> None:
+    cfg = await make_config(tmp_path)
+    proc = NodeProcess(cfg)
+    await proc.open()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(proc.run(stop))
+    try:
+        async with httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http:
+            for _ in range(100):
+                try:
+                    health = (await http.get("/health")).json()
+                    if health["phase"] == "serving":
+                        break
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.05)
+            assert health["org"] == "org-1" and health["members"] == 1 and health["writes"]
+            assert health["fhir"] is False and health["orderer"]["running"]
+            admin = DataDir(cfg.data_dir).identity("admin-org-1").signing
+            seq = (await http.get(f"/ledger/v1/seq/{admin.key_id.hex()}")).json()["seq"]
+            assert seq == 0
+            tx = make_tx(
+                admin,
+                cfg.network,
+                "note.anchor",
+                {"digest": hashlib.sha256(b"p").digest()},
+                seq=1,
+                time=int(time.time() * 1000),
+            )
+            (res,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
+            assert res["ok"] and res["height"] == 1
+            (again,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
+            assert again["error"] == "replayed"
+            assert (await http.get(f"/ledger/v1/seq/{admin.key_id.hex()}")).json()["seq"] == 1
+            # a second process on the same data directory is refused
+            with pytest.raises(MedledgerError, match="in use"):
+                await NodeProcess(cfg).open()
+            # halted: the shared submitter and the ledger endpoint refuse writes
+            proc.monitor.set_halted("test")
+            assert proc.submitter is not None
+            with pytest.raises(OrdererError, match="halted"):
+                await proc.submitter.submit(admin, "note.anchor", {"digest": bytes(32)})
+            assert proc.node is not None and proc.node.halted == "test"
+            with pytest.raises(OrdererError, match="test"):
+                await proc.node.submit(tx)
+            resp = await http.post("/ledger/v1/txs", content=encode([tx.raw]))
+            assert resp.status_code == 503
+            assert (await http.get("/health")).status_code == 503
+    finally:
+        stop.set()
+        await runner
+        await proc.close()
+    assert proc.monitor.phase == "stopping"

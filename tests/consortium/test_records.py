@@ -1,0 +1,264 @@
+"""Encrypted records served by their custodian to another organisation's node."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from medledger.consortium.client import PeerClient, PeerRequestError, RecordRequest
+from medledger.crypto import aead
+from medledger.crypto.kem import unwrap_key, wrap_key
+from medledger.crypto.signing import SigningKey
+from medledger.encoding import decode
+from medledger.node import Node
+from medledger.services.access import AccessService
+from medledger.services.records import OrgCrypto, RecordService, derive_index_key
+from medledger.services.submitter import Submitter
+from medledger.store.records import (
+    IndexEntry,
+    RecordStore,
+    RecordVersion,
+    WrappedKey,
+    open_record_store,
+)
+
+from .conftest import NETWORK, Consortium, Member, Org, genesis_doc, make_orgs
+
+RESOURCE = {"resourceType": "Observation", "id": "obs-1", "status": "final"}
+
+
+@dataclass
+class Setup:
+    c: Consortium
+    custodian: Member
+    store: RecordStore
+    sub: Submitter
+    patient: str
+    record: str
+    reader: Org
+    client: PeerClient
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
+    orgs = make_orgs(2)
+    c = Consortium(orgs, genesis_doc(orgs, policy={"consent_default": "opt-out"}))
+    store = await open_record_store(f"sqlite:///{tmp_path / 'records.db'}")
+    # the custodian node (org-1) and one Submitter shared by its services
+    node = await Node.create(
+        f"sqlite:///{tmp_path / 'org-1.db'}", c.genesis, [("org-1", orgs[0].node_key)]
+    )
+    await node.start()
+    sub = Submitter(node)
+    custodian = await _member(c, tmp_path, orgs[0], node, store, sub)
+    # org-2's admin registers a physician (on the shared ledger)
+    await sub.submit(
+        orgs[1].admin,
+        "principal.register",
+        {
+            "id": "phys-b",
+            "kind": "practitioner",
+            "roles": ["physician"],
+            "pub": SigningKey.generate().public.raw,
+        },
+    )
+    patient = "pat-" + secrets.token_hex(16)
+    await sub.submit(
+        orgs[0].node_key,
+        "patient.register",
+        {
+            "id": patient,
+            "links": [{"org": "org-1", "commitment": hashlib.sha256(b"mrn-1").digest()}],
+            "claim": hashlib.sha256(b"claim").digest(),
+        },
+    )
+    # the custodian encrypts a record, commits it, keeps ciphertext + its own wrapped key
+    record = "obs-1"
+    key = aead.generate_record_key()
+    aad = aead.record_aad(record, 1, patient)
+    ciphertext = aead.encrypt(key, json.dumps(RESOURCE).encode(), aad)
+    salt = os.urandom(32)
+    await sub.submit(
+        orgs[0].node_key,
+        "record.register",
+        {
+            "record": record,
+            "patient": patient,
+            "resource_type": "Observation",
+            "commitment": hashlib.sha256(salt + ciphertext).digest(),
+            "version": 1,
+            "prev": None,
+        },
+    )
+    await store.put_version(
+        RecordVersion(record, 1, patient, "org-1", "Observation", salt, ciphertext, 1),
+        [WrappedKey(record, 1, "org:org-1", wrap_key(orgs[0].enc.public, key, aad))],
+        IndexEntry(record, "Observation", patient, "org-1", (), None, 1, 1, False),
+    )
+    client = PeerClient(
+        network=NETWORK,
+        org="org-2",
+        key=orgs[1].node_key,
+        peers={"org-1": "http://org-1.test"},
+        transports={"org-1": httpx.ASGITransport(app=custodian.app)},
+    )
+    try:
+        yield Setup(c, custodian, store, sub, patient, record, orgs[1], client)
+    finally:
+        await client.close()
+        await store.close()
+        await node.close()
+
+
+async def _member(
+    c: Consortium, tmp: Path, org: Org, node: Node, store: RecordStore, sub: Submitter
+) -> Member:
+    from medledger.consortium.gossip import CheckpointBook, ConsortiumMonitor
+    from medledger.consortium.peer import PeerService, create_peer_app
+
+    monitor = ConsortiumMonitor(org.id, phase="serving")
+    svc = PeerService(
+        node,
+        org=org.id,
+        key=org.node_key,
+        monitor=monitor,
+        submitter=sub,
+        store=store,
+        encryption=org.enc,
+    )
+    m = Member(org, node, monitor, CheckpointBook(node, monitor), svc, create_peer_app(svc))
+    c.members.append(m)
+    return m
+
+
+async def test_a_permitted_read_gets_the_key_wrapped_for_the_readers_org(setup: Setup) -> None:
+    s = setup
+    remote = await s.client.fetch_record("org-1", RecordRequest(s.record, actor="phys-b"))
+    assert (remote.record, remote.version, remote.patient, remote.custodian) == (
+        s.record,
+        1,
+        s.patient,
+        "org-1",
+    )
+    # the reader's node checks the ciphertext against the ledger's commitment, then opens it
+    rec = decode(await s.custodian.node.state_get(f"record/{s.record}".encode()) or b"")
+    assert hashlib.sha256(remote.salt + remote.ciphertext).digest() == rec["commitment"]
+    aad = aead.record_aad(remote.record, remote.version, remote.patient)
+    key = unwrap_key(s.reader.enc, remote.wrapped, aad)
+    assert json.loads(aead.decrypt(key, remote.ciphertext, aad)) == RESOURCE
+    # exactly one access entry, logged by the custodian's node, naming the reader
+    feed = await AccessService(s.custodian.node, s.sub, {}).audit_feed(s.patient)
+    assert len(feed) == 1
+    entry = feed[0]
+    assert (entry["actor"], entry["org"], entry["outcome"], entry["rule"]) == (
+        "phys-b",
+        "org-1",
+        "permit",
+        "default",
+    )
+    assert entry["tx"] == remote.access_tx.hex()
+
+
+async def test_a_denied_read_is_logged_and_refused(setup: Setup) -> None:
+    s = setup
+    with pytest.raises(PeerRequestError, match="access denied") as info:
+        await s.client.fetch_record(
+            "org-1", RecordRequest(s.record, actor="phys-b", purpose="HRESCH")
+        )
+    assert info.value.status == 403
+    feed = await AccessService(s.custodian.node, s.sub, {}).audit_feed(s.patient)
+    assert [(e["actor"], e["outcome"], e["purpose"]) for e in feed] == [
+        ("phys-b", "deny", "HRESCH")
+    ]
+
+
+async def test_refusals_without_a_decision(setup: Setup) -> None:
+    s = setup
+    # an actor that does not act for the calling org
+    with pytest.raises(PeerRequestError, match="does not act for") as info:
+        await s.client.fetch_record("org-1", RecordRequest(s.record, actor="admin-org-1"))
+    assert info.value.status == 403
+    with pytest.raises(PeerRequestError) as info:
+        await s.client.fetch_record("org-1", RecordRequest("obs-unknown", actor="phys-b"))
+    assert info.value.status == 404
+    # nothing was logged for these
+    assert await AccessService(s.custodian.node, s.sub, {}).audit_feed(s.patient) == []
+
+
+async def test_a_read_already_logged_by_the_readers_node_is_not_logged_twice(
+    setup: Setup,
+) -> None:
+    s = setup
+    # the reader's node (org-2) decides and logs first, then asks the custodian
+    entry = {
+        "request": "req-" + secrets.token_hex(8),
+        "actor": "phys-b",
+        "org": "org-2",
+        "role": "physician",
+        "on_behalf": None,
+        "patient": s.patient,
+        "resource_types": ["Observation"],
+        "records": [s.record],
+        "purpose": "TREAT",
+        "action": "access",
+        "outcome": "permit",
+        "consents": [],
+        "rule": "default",
+        "break_glass": False,
+        "time": s.custodian.node.clock(),
+    }
+    logged = await s.sub.submit(s.reader.node_key, "access.log", entry)
+    remote = await s.client.fetch_record(
+        "org-1", RecordRequest(s.record, actor="phys-b", access_tx=logged.tx_id)
+    )
+    assert remote.access_tx == logged.tx_id
+    feed = await AccessService(s.custodian.node, s.sub, {}).audit_feed(s.patient)
+    assert [(e["org"], e["actor"]) for e in feed] == [("org-2", "phys-b")]
+    # an entry that does not cover the request is refused
+    with pytest.raises(PeerRequestError, match="does not permit this read") as info:
+        await s.client.fetch_record(
+            "org-1",
+            RecordRequest(s.record, actor="phys-b", purpose="ETREAT", access_tx=logged.tx_id),
+        )
+    assert info.value.status == 403
+    with pytest.raises(PeerRequestError, match="not on this node's ledger"):
+        s.custodian.service.log_wait = 0.05
+        await s.client.fetch_record(
+            "org-1", RecordRequest(s.record, actor="phys-b", access_tx=bytes(32))
+        )
+
+
+async def test_served_through_the_record_service(setup: Setup) -> None:
+    s = setup
+    org = s.c.orgs[0]
+    crypto = OrgCrypto("org-1", org.node_key, org.enc, derive_index_key(org.enc))
+    access = AccessService(s.custodian.node, s.sub, {"org-1": org.node_key})
+    service = RecordService(s.custodian.node, s.sub, access, s.store, {"org-1": crypto})
+    body = json.dumps({"resourceType": "Condition", "id": "cond-9"}).encode()
+    written = await service.write(
+        "org-1",
+        "Condition",
+        "cond-9",
+        s.patient,
+        body,
+        category=None,
+        code_tokens=[],
+        codes_for_commitment=[],
+        date=None,
+    )
+    assert written.version == 1
+    s.custodian.service.records = service
+    remote = await s.client.fetch_record("org-1", RecordRequest("cond-9", actor="phys-b"))
+    aad = aead.record_aad("cond-9", 1, s.patient)
+    key = unwrap_key(s.reader.enc, remote.wrapped, aad)
+    assert aead.decrypt(key, remote.ciphertext, aad) == body
+    # the custodian kept the grant for org-2 in its store
+    assert await s.store.get_wrapped("cond-9", 1, "org:org-2") == remote.wrapped
