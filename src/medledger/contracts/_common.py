@@ -81,7 +81,8 @@ def is_id(value: Any) -> bool:
         isinstance(value, str)
         and 0 < len(value) <= MAX_ID_LEN
         and value.isprintable()
-        and not any(c in value for c in "/ ")
+        and "/" not in value
+        and " " not in value
     )
 
 

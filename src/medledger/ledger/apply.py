@@ -98,7 +98,8 @@ def apply_tx(
         if not signature_checked:
             tx.verify_signature()
         principal = check_signer(state, tx, height)
-        last = get_obj(state, k_seq(tx.signer)) or 0
+        seq_key = k_seq(tx.signer)
+        last = get_obj(state, seq_key) or 0
         if tx.seq <= last:
             raise ReplayedTransaction(
                 f"sequence {tx.seq} of key {tx.signer.hex()} was already used (last {last})"
@@ -122,7 +123,7 @@ def apply_tx(
             config=config,
         )
         fx = handler(state, tx, env)
-        state.put(k_seq(tx.signer), encode(tx.seq))
+        state.put(seq_key, encode(tx.seq))
         for key, value in fx.writes.items():
             if value is None:
                 state.delete(key)

@@ -49,6 +49,11 @@ MAX_TX_BYTES = 256 * 1024
 _FIELDS = frozenset({"v", "net", "type", "payload", "signer", "pub", "seq", "time", "sig"})
 _MAX_TYPE_LEN = 64
 
+#: Parsed public keys by their bytes: a network has few signers, each signing many
+#: transactions, and a key object is immutable, so one is shared. Cleared when full.
+_KEYS: dict[bytes, VerifyKey] = {}
+_KEYS_LIMIT = 4096
+
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
@@ -64,6 +69,28 @@ class Transaction:
     sig: bytes
     raw: bytes = field(repr=False)
     tx_id: bytes = field(repr=False)
+    # By-products of parsing, kept so that checking the signature does not derive
+    # them again; not part of the value (excluded from ==, hash, repr and pickling).
+    _key: VerifyKey | None = field(default=None, repr=False, compare=False)
+    _sig_at: int = field(default=-1, repr=False, compare=False)  # offset of "sig" in raw
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The cached pyca key object does not pickle; rebuild without the caches.
+        return (
+            _rebuild,
+            (
+                self.network,
+                self.type,
+                self.payload,
+                self.signer,
+                self.pub,
+                self.seq,
+                self.time,
+                self.sig,
+                self.raw,
+                self.tx_id,
+            ),
+        )
 
     # -- construction -------------------------------------------------------------
     @staticmethod
@@ -127,10 +154,15 @@ class Transaction:
             raise MalformedTransaction("seq starts at 1")
         if not isinstance(sig, bytes) or len(sig) != 64:
             raise MalformedTransaction("sig must be a 64-byte Ed25519 signature")
-        try:
-            key = VerifyKey(pub)
-        except Exception as exc:
-            raise MalformedTransaction("pub is not a valid Ed25519 public key") from exc
+        key = _KEYS.get(pub)
+        if key is None:
+            try:
+                key = VerifyKey(pub)
+            except Exception as exc:
+                raise MalformedTransaction("pub is not a valid Ed25519 public key") from exc
+            if len(_KEYS) >= _KEYS_LIMIT:
+                _KEYS.clear()
+            _KEYS[pub] = key
         if key.key_id != signer:
             raise MalformedTransaction("signer key id does not match pub")
         return cls(
@@ -144,10 +176,18 @@ class Transaction:
             sig=sig,
             raw=raw,
             tx_id=hashlib.sha256(raw).digest(),
+            _key=key,
+            _sig_at=_sig_offset(raw, net, seq, sig),
         )
 
     # -- checks ---------------------------------------------------------------------
     def signing_bytes(self) -> bytes:
+        at = self._sig_at
+        if at >= 0:
+            # ``raw`` is the canonical map of the nine fields; without its "sig" entry
+            # (and with the map head counting eight) it is exactly encode(body).
+            raw = self.raw
+            return b"".join((SIG_DOMAIN, b"\xa8", raw[1:at], raw[at + _SIG_ENTRY_SIZE :]))
         body = self.unsigned_body(
             self.network, self.type, self.payload, self.pub, self.seq, self.time
         )
@@ -155,8 +195,9 @@ class Transaction:
 
     def verify_signature(self) -> None:
         """Raise :class:`BadTransactionSignature` unless the signature is valid."""
+        key = self._key
         try:
-            VerifyKey(self.pub).verify(self.sig, self.signing_bytes())
+            (key or VerifyKey(self.pub)).verify(self.sig, self.signing_bytes())
         except InvalidSignature:
             raise BadTransactionSignature(
                 f"signature of transaction {self.tx_id.hex()} does not verify"
@@ -179,6 +220,57 @@ class Transaction:
             "time": self.time,
             "sig": self.sig.hex(),
         }
+
+
+#: Canonical encoding of the envelope's "sig" entry: text "sig", then a 64-byte string head.
+_SIG_ENTRY_HEAD = b"\x63sig\x58\x40"
+_SIG_ENTRY_SIZE = len(_SIG_ENTRY_HEAD) + 64
+
+
+def _head_size(n: int) -> int:
+    """Size of the canonical CBOR head carrying argument ``n`` (0 <= n < 2**64)."""
+    if n < 24:
+        return 1
+    if n < 0x100:
+        return 2
+    if n < 0x10000:
+        return 3
+    if n < 0x100000000:
+        return 5
+    return 9
+
+
+def _sig_offset(raw: bytes, net: str, seq: int, sig: bytes) -> int:
+    """Offset of the "sig" entry in the canonical envelope ``raw``, or -1.
+
+    Canonical key order is v, net, pub, seq, sig, time, type, signer, payload,
+    so the entry follows "v": 1, "net": <net>, "pub": <32 bytes>, "seq": <seq>.
+    The computed position is confirmed against ``raw`` before it is used.
+    """
+    n = len(net.encode())
+    at = 4 + 4 + _head_size(n) + n + 4 + 34 + 4 + _head_size(seq)
+    if (
+        raw[:4] == b"\xa9\x61v\x01"
+        and raw.startswith(_SIG_ENTRY_HEAD, at)
+        and raw[at + len(_SIG_ENTRY_HEAD) : at + _SIG_ENTRY_SIZE] == sig
+    ):
+        return at
+    return -1
+
+
+def _rebuild(
+    network: str,
+    type_: str,
+    payload: dict[str, Any],
+    signer: bytes,
+    pub: bytes,
+    seq: int,
+    time: int,
+    sig: bytes,
+    raw: bytes,
+    tx_id: bytes,
+) -> Transaction:
+    return Transaction(network, type_, payload, signer, pub, seq, time, sig, raw, tx_id)
 
 
 def _jsonable(value: Any) -> Any:

@@ -369,9 +369,9 @@ def _build(
 
 def _prepare(items: Mapping[bytes, bytes | None]) -> tuple[list[bytes], list[bytes | None]]:
     """Hash keys and values; return key hashes sorted, with the matching value hashes."""
-    pairs = sorted(
-        (_sha256(k).digest(), None if v is None else _sha256(v).digest()) for k, v in items.items()
-    )
+    sha = _sha256
+    pairs = [(sha(k).digest(), None if v is None else sha(v).digest()) for k, v in items.items()]
+    pairs.sort()
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
