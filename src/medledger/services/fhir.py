@@ -51,13 +51,20 @@ requests for ids that do not exist cannot name a patient and are not logged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import hashlib
 import hmac
 import json
+import multiprocessing as mp
+import os
 import secrets
+import select
+import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,7 +73,8 @@ from typing import Any
 from medledger.api.scopes import Scope, scope_allows
 from medledger.contracts.access import ROLE_TYPES
 from medledger.contracts.access_v1 import MAX_RECORDS
-from medledger.contracts.patients_v1 import PATIENT_ID
+from medledger.contracts.base import get_obj
+from medledger.contracts.patients_v1 import PATIENT_ID, k_patient
 from medledger.crypto.keystore import Identity, Keystore
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode
@@ -88,10 +96,13 @@ from medledger.services.records import (
     Caller,
     OrgCrypto,
     RecordService,
+    RecordWrite,
     StoredRecord,
+    index_token,
     is_gone,
 )
 from medledger.services.submitter import Submitter
+from medledger.state.base import StateReader
 from medledger.store.records import MAX_IDS, MAX_TOKENS, IndexEntry, RecordStore
 
 __all__ = [
@@ -412,6 +423,89 @@ class FhirService:
                         "commitment": self._link_commitment(org, patient, local_id or patient),
                     },
                 )
+
+    async def _ensure_patients(
+        self, org: str, wanted: Mapping[str, tuple[bool, str | None]]
+    ) -> dict[str, FhirError]:
+        """:meth:`_ensure_patient` for many patients at once (bulk import).
+
+        ``wanted`` maps a patient id to ``(register, local id)``. Registrations
+        and links are submitted as one batch of transactions; returns the
+        patients that could not be registered or linked, with the reason.
+        """
+        if not wanted:
+            return {}
+        ids = sorted(wanted)
+        errors: dict[str, FhirError] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            for pid in ids:  # sorted: two batches never wait on each other
+                await stack.enter_async_context(self._lock(pid))
+
+            def look(st: StateReader) -> dict[str, Any]:
+                return {pid: get_obj(st, k_patient(pid)) for pid in ids}
+
+            states = await self.node.read(look)
+            register = [p for p in ids if states[p] is None and wanted[p][0]]
+            for p in ids:
+                if states[p] is None and not wanted[p][0]:
+                    errors[p] = _err(
+                        422,
+                        "business-rule",
+                        f"Patient/{p} is not known to the ledger",
+                        "subject",
+                    )
+            idents: dict[str, Identity] = {}
+            if register:
+                try:
+                    idents = await self._identities_for(register)
+                except KeystoreError as exc:
+                    for p in register:
+                        errors[p] = from_medledger_error(exc)
+                    register = []
+            txs: list[tuple[str, tuple[str, dict[str, Any]]]] = []
+            for p in register:
+                payload: dict[str, Any] = {
+                    "id": p,
+                    "links": [
+                        {
+                            "org": org,
+                            "commitment": self._link_commitment(org, p, wanted[p][1] or p),
+                        }
+                    ],
+                    "pub": idents[p].signing.public.raw,
+                }
+                payload.update(self.records.patient_key_fields(idents[p]))
+                txs.append((p, ("patient.register", payload)))
+            for p in ids:
+                state = states[p]
+                if state is not None and org not in (state.get("orgs") or []):
+                    commitment = self._link_commitment(org, p, wanted[p][1] or p)
+                    txs.append((p, ("patient.link", {"patient": p, "commitment": commitment})))
+            if txs:
+                outcomes = await self.submitter.submit_many(
+                    self.orgs[org].signing, [tx for _, tx in txs]
+                )
+                for (p, _), outcome in zip(txs, outcomes, strict=True):
+                    if isinstance(outcome, MedledgerError):
+                        errors[p] = from_medledger_error(outcome)
+        return errors
+
+    async def _identities_for(self, patients: Sequence[str]) -> dict[str, Identity]:
+        """Keystore identities of ``patients`` (created when missing), in one worker thread."""
+        missing = [p for p in patients if p not in self._identities]
+
+        def load() -> dict[str, Identity]:
+            out: dict[str, Identity] = {}
+            for name in missing:
+                if (self.keystore.path / f"{name}.json").exists():
+                    out[name] = self.keystore.load(name, self.passphrase)
+                else:
+                    out[name] = self.keystore.create(name, self.passphrase)
+            return out
+
+        if missing:
+            self._identities.update(await asyncio.to_thread(load))
+        return {p: self._identities[p] for p in patients}
 
     # ------------------------------------------------------------------ planning writes
     async def _plan(
@@ -1552,6 +1646,230 @@ class _Source:
     kind: str  # "ndjson" | "bundle"
 
 
+def _import_ledger_id(index_key: bytes, source: str, rtype: str, source_id: str) -> str:
+    """The deterministic ledger id of a source resource (see :class:`Importer`)."""
+    digest = hmac.new(
+        index_key, f"medledger/import/v1|{source}|{rtype}|{source_id}".encode(), "sha256"
+    ).digest()
+    if rtype == "Patient":
+        return "pat-" + digest[:16].hex()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
+
+
+def _import_reference(
+    ref: str, urns: Mapping[str, tuple[str, str]], index_key: bytes, source: str
+) -> str | None:
+    """The reference a source reference is imported as (None: kept as it is)."""
+    if ref.startswith("urn:") and ref in urns:
+        rtype, sid = urns[ref]
+        if rtype in RECORD_TYPES:
+            return f"{rtype}/{_import_ledger_id(index_key, source, rtype, sid)}"
+        return f"{rtype}/{sid}"
+    parts = ref.split("/")
+    if len(parts) == 2 and parts[0] in RECORD_TYPES and "?" not in ref:
+        return f"{parts[0]}/{_import_ledger_id(index_key, source, parts[0], parts[1])}"
+    return None
+
+
+def _import_mapping(
+    resource: Mapping[str, Any],
+    urns: Mapping[str, tuple[str, str]],
+    index_key: bytes,
+    source: str,
+) -> dict[str, str]:
+    """Source references of ``resource`` -> the ledger ids they are imported under."""
+    from medledger.fhir.index import iter_references
+
+    out: dict[str, str] = {}
+    for ref in iter_references(resource):
+        if ref not in out:
+            new = _import_reference(ref, urns, index_key, source)
+            if new is not None:
+                out[ref] = new
+    return out
+
+
+def _rewrite_import(value: Any, resolve: Callable[[str], str]) -> Any:
+    """A copy of ``value`` with every ``Reference.reference`` replaced by ``resolve(ref)``.
+
+    One pass (the same result as :func:`medledger.fhir.bundle.rewrite_references`
+    with :func:`_import_mapping`).
+    """
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            if key == "reference" and isinstance(item, str):
+                out[key] = resolve(item)
+            elif isinstance(item, dict | list):
+                out[key] = _rewrite_import(item, resolve)
+            else:
+                out[key] = item
+        return out
+    if isinstance(value, list):
+        return [
+            _rewrite_import(item, resolve) if isinstance(item, dict | list) else item
+            for item in value
+        ]
+    return value
+
+
+#: an import item ready to write: plaintext, patient, public category, search tokens,
+#: codes (system|code), clinical date, local id (for a patient link)
+_Ready = tuple[bytes, str, str | None, list[bytes], list[str], int | None, str]
+#: or why it cannot be imported: (HTTP status, IssueType code, diagnostics)
+_Refused = tuple[int, str, str]
+
+
+def _prepare_import(
+    jobs: Sequence[tuple[str, str, dict[str, Any]]],
+    urns: Mapping[str, tuple[str, str]],
+    index_key: bytes,
+    source: str,
+) -> list[_Ready | _Refused]:
+    """Rewrite references, validate and index ``(type, ledger id, source resource)`` jobs.
+
+    A pure function (no I/O), so the importer runs it in worker processes; the
+    organisation's index key is the only secret it needs (for search tokens).
+    """
+    from medledger.fhir.index import extract
+    from medledger.fhir.validate import parse_resource
+
+    memo: dict[str, str] = {}
+
+    def resolve(ref: str) -> str:
+        new = memo.get(ref)
+        if new is None:
+            new = memo[ref] = _import_reference(ref, urns, index_key, source) or ref
+        return new
+
+    out: list[_Ready | _Refused] = []
+    for rtype, rid, raw in jobs:
+        try:
+            resource = _rewrite_import(raw, resolve)
+            resource["id"] = rid
+            meta = resource.get("meta")
+            if isinstance(meta, dict):
+                meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
+                if meta:
+                    resource["meta"] = meta
+                else:
+                    resource.pop("meta")
+            resource = parse_resource(resource, rtype)
+            ex = extract(resource)
+            if rtype == "Patient":
+                if not PATIENT_ID.fullmatch(rid):
+                    raise _err(400, "value", "a Patient id is 'pat-' followed by 32 hex digits")
+                patient = rid
+            elif ex.patient is None:
+                raise _err(
+                    422,
+                    "required",
+                    f"{rtype} must reference its Patient (subject or patient)",
+                    f"{rtype}.subject",
+                )
+            else:
+                patient = ex.patient
+            tokens = list(
+                dict.fromkeys(
+                    index_token(index_key, kind, "*" if system is None else system, value)
+                    for kind, system, value in ex.terms()
+                )
+            )
+            out.append(
+                (
+                    FhirService._plaintext(resource),
+                    patient,
+                    ex.public_category,
+                    tokens,
+                    ex.code_strings(),
+                    ex.date,
+                    FhirService._local_id(resource, patient),
+                )
+            )
+        except FhirError as exc:
+            out.append((exc.status, exc.code, str(exc)))
+        except MedledgerError as exc:
+            out.append((500, "exception", str(exc)))
+    return out
+
+
+def _init_worker(parent: int) -> None:
+    """Set up an import worker: lower priority, and gone when the importing process is.
+
+    Workers yield the CPU to the node's own threads (commits, the store). A pool's
+    workers outlive a parent killed with SIGKILL (they wait on a queue whose pipe
+    they hold themselves), so each one watches the importing process and exits
+    with it.
+    """
+    with contextlib.suppress(OSError):
+        os.nice(5)
+    threading.Thread(
+        target=_exit_with, args=(parent,), daemon=True, name="medledger-import-watch"
+    ).start()
+
+
+def _exit_with(parent: int) -> None:
+    try:
+        fd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        os._exit(0)
+    except OSError:  # no pidfd (old kernel): poll
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except OSError:
+                pass
+    select.select([fd], [], [])  # readable once the process has exited
+    os._exit(0)
+
+
+def _warm_worker() -> int:
+    """Run in each new import worker: load the validation models before the first chunk."""
+    from medledger.fhir.validate import parse_resource
+
+    try:
+        parse_resource({"resourceType": "Patient", "id": "warm"}, "Patient")
+    except FhirError:
+        pass
+    return os.getpid()
+
+
+def _import_error(exc: BaseException) -> FhirError:
+    """The FHIR status of a failed import write (as the REST API would answer it)."""
+    if isinstance(exc, FhirError):
+        return exc
+    if isinstance(exc, Conflict):
+        return _err(409, "conflict", str(exc))
+    if isinstance(exc, NotFoundError):
+        if is_gone(exc):
+            return _err(410, "deleted", str(exc))
+        return _err(404, "not-found", str(exc))
+    if isinstance(exc, TransactionRejected):
+        return from_medledger_error(exc)
+    return _err(500, "exception", str(exc))
+
+
+def default_import_workers() -> int:
+    """Worker processes an import uses by default: one per CPU (they run at a lower
+    priority than the node's own threads, so they only take what those leave)."""
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclass(slots=True)
+class _Chunk:
+    """A run of one source's items, imported as one batch."""
+
+    source: int  # index into the loaded sources
+    end: int  # position in the source's items after this chunk
+    items: list[_Item]
+    urns: Mapping[str, tuple[str, str]]
+    patients_done: asyncio.Event = field(default_factory=asyncio.Event)
+    done: bool = False
+
+
 class Importer:
     """Loads FHIR Bulk Data NDJSON files and transaction/batch/collection Bundles for ``org``.
 
@@ -1561,17 +1879,30 @@ class Importer:
       imported resources (``Patient/<id>``, ``urn:uuid:<fullUrl>``) are rewritten
       the same way, so a re-run maps every resource to the same record and skips
       what is already stored: importing twice changes nothing.
+    * **Batches.** Resources are imported in chunks: validation and indexing run
+      in worker processes (``workers``; 0: in this process), each chunk's new
+      patients are registered in one batch of transactions, and its records are
+      written with :meth:`RecordService.write_many` (one staging transaction,
+      one batch of ``record.register`` transactions, one promotion
+      transaction). A few chunks are in flight at once (``concurrency`` bounds
+      the resources in flight), so validating one overlaps committing another.
+      Every record is written as "must not exist yet": a record another chunk
+      (or an earlier run) already wrote is counted as existing, never written twice.
     * **Resumable.** Progress is checkpointed per file (resources done, in
-      chunks) in ``DIR/imports/``; a run after an interruption starts after the
-      last completed chunk, and anything in flight at the interruption is either
-      found stored (skipped) or finished by the record service's recovery.
+      chunks, only ever past chunks that finished) in ``DIR/imports/``; a run
+      after an interruption starts after the last completed chunk, and anything
+      in flight at the interruption is either found stored (skipped) or finished
+      by the record service's recovery.
     * Patients come first (their files, or their entries in a Bundle): every
-      other resource needs its patient registered on the ledger.
+      other resource needs its patient registered on the ledger, so a chunk
+      writes its other resources only once the patients of every earlier chunk
+      and its own are registered.
     * Types the API does not serve (Organization, Claim ...) are counted and skipped,
       and so is a bulk export's ``log.ndjson`` when a directory is imported.
     """
 
-    CHUNK = 512
+    CHUNK = 256  # resources per batch at most
+    PIPELINE = 4  # batches in flight (``concurrency`` resources in all)
 
     def __init__(
         self,
@@ -1581,6 +1912,7 @@ class Importer:
         state_dir: Path,
         source: str = "import",
         concurrency: int = 128,
+        workers: int | None = None,
         on_total: Callable[[int], None] | None = None,
         on_advance: Callable[[int], None] | None = None,
     ) -> None:
@@ -1591,44 +1923,24 @@ class Importer:
         self.state_dir = state_dir
         self.source = source
         self.concurrency = max(1, concurrency)
+        self.pipeline = min(self.PIPELINE, self.concurrency)
+        self.chunk = max(1, min(self.CHUNK, self.concurrency // self.pipeline))
+        self.workers = default_import_workers() if workers is None else max(0, workers)
         self.on_total = on_total
         self.on_advance = on_advance
-        self._auth = Auth(Caller("system", f"import-{org}", org))
-        self._sem = asyncio.Semaphore(self.concurrency)
+        self._index_key = fhir.orgs[org].index_key
+        self._pool: ProcessPoolExecutor | None = None
+        self._warm: asyncio.Future[Any] | None = None
 
     # -- identities ---------------------------------------------------------------------
     def ledger_id(self, rtype: str, source_id: str) -> str:
         """The deterministic ledger id of a source resource."""
-        digest = hmac.new(
-            self.fhir.orgs[self.org].index_key,
-            f"medledger/import/v1|{self.source}|{rtype}|{source_id}".encode(),
-            "sha256",
-        ).digest()
-        if rtype == "Patient":
-            return "pat-" + digest[:16].hex()
-        return str(uuid.UUID(bytes=digest[:16], version=5))
+        return _import_ledger_id(self._index_key, self.source, rtype, source_id)
 
     def _mapping(
         self, resource: Mapping[str, Any], urns: Mapping[str, tuple[str, str]]
     ) -> dict[str, str]:
-        from medledger.fhir.index import iter_references
-
-        out: dict[str, str] = {}
-        for ref in iter_references(resource):
-            if ref in out:
-                continue
-            if ref.startswith("urn:") and ref in urns:
-                rtype, sid = urns[ref]
-                out[ref] = (
-                    f"{rtype}/{self.ledger_id(rtype, sid)}"
-                    if rtype in RECORD_TYPES
-                    else f"{rtype}/{sid}"
-                )
-                continue
-            parts = ref.split("/")
-            if len(parts) == 2 and parts[0] in RECORD_TYPES and "?" not in ref:
-                out[ref] = f"{parts[0]}/{self.ledger_id(parts[0], parts[1])}"
-        return out
+        return _import_mapping(resource, urns, self._index_key, self.source)
 
     # -- discovery ----------------------------------------------------------------------
     def _sources(self, path: Path) -> list[_Source]:
@@ -1675,8 +1987,6 @@ class Importer:
         with open(tmp, "w") as f:
             json.dump(doc, f, indent=1, sort_keys=True)
             f.flush()
-            import os
-
             os.fsync(f.fileno())
         tmp.replace(file)
 
@@ -1733,66 +2043,254 @@ class Importer:
                 urns[full] = (item.rtype, item.source_id)
         return items, urns
 
-    # -- writing ------------------------------------------------------------------------
-    async def _one(
-        self, item: _Item, urns: Mapping[str, tuple[str, str]], report: ImportReport
-    ) -> None:
-        from medledger.fhir.bundle import rewrite_references
-        from medledger.fhir.validate import parse_resource
+    # -- worker processes ----------------------------------------------------------------
+    def _start_pool(self) -> None:
+        """Start the worker processes in the background (the first chunks run here meanwhile).
 
+        ``forkserver``: workers fork from a clean server process that has loaded
+        the validation models once, never from this process and its threads.
+        """
+        if self.workers == 0:
+            return
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["medledger.services.fhir", "medledger.fhir.validate"])
+        pool = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(os.getpid(),),
+        )
+
+        def warm() -> None:  # starting a forkserver process blocks: not on the event loop
+            for f in [pool.submit(_warm_worker) for _ in range(self.workers)]:
+                f.result()
+
+        self._pool = pool
+        self._warm = asyncio.ensure_future(asyncio.to_thread(warm))
+
+    def _executor(self) -> Executor | None:
+        """The worker pool once it is up (None: work in this process)."""
+        warm = self._warm
+        if self._pool is None or warm is None or not warm.done():
+            return None
+        if warm.cancelled() or warm.exception() is not None:
+            self._pool = None  # could not start workers: carry on in this process
+            return None
+        return self._pool
+
+    async def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if self._warm is not None:
+            with contextlib.suppress(BaseException):
+                await self._warm
+            self._warm = None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+    async def _prepare(
+        self, todo: Sequence[tuple[_Item, str]], urns: Mapping[str, tuple[str, str]]
+    ) -> list[_Ready | _Refused]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        jobs = [(it.rtype, rid, it.resource or {}) for it, rid in todo]
+        if not jobs:
+            return []
+        pool = self._executor()
+        if pool is not None:
+            parts = max(2 * self.workers, -(-len(jobs) // 64))
+            size = -(-len(jobs) // parts)
+            loop = asyncio.get_running_loop()
+            try:
+                done = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(
+                            pool,
+                            _prepare_import,
+                            jobs[k : k + size],
+                            urns,
+                            self._index_key,
+                            self.source,
+                        )
+                        for k in range(0, len(jobs), size)
+                    )
+                )
+            except BrokenProcessPool:
+                self._pool = None  # a worker died: carry on in this process
+            else:
+                return [r for part in done for r in part]
+        out: list[_Ready | _Refused] = []
+        for k in range(0, len(jobs), 32):
+            if k:
+                await asyncio.sleep(0)  # let commits through
+            out.extend(_prepare_import(jobs[k : k + 32], urns, self._index_key, self.source))
+        return out
+
+    # -- writing ------------------------------------------------------------------------
+    @staticmethod
+    def _fail(report: ImportReport, item: _Item, exc: BaseException) -> None:
+        err = _import_error(exc)
+        report.failed.append({"where": item.where, "status": err.status, "error": str(err)})
+
+    async def _write(
+        self,
+        entries: Sequence[tuple[_Item, str, _Ready]],
+        report: ImportReport,
+        *,
+        register: bool,
+    ) -> None:
+        """Register or link the entries' patients, then write the entries as one batch."""
+        if not entries:
+            return
+        wanted: dict[str, tuple[bool, str | None]] = {}
+        for _, _, ready in entries:
+            wanted.setdefault(ready[1], (register, ready[6]))
         try:
-            if item.resource is None:
-                raise _err(400, "structure", item.error or "unreadable")
-            if item.rtype not in RECORD_TYPES:
-                report.skipped[item.rtype] = report.skipped.get(item.rtype, 0) + 1
-                return
-            rid = self.ledger_id(item.rtype, item.source_id)
-            if await self.fhir.store.get_version(rid) is not None:
-                report.existing += 1
-                return
-            resource = rewrite_references(item.resource, self._mapping(item.resource, urns))
-            resource["id"] = rid
-            meta = resource.get("meta")
-            if isinstance(meta, dict):
-                meta = {k: v for k, v in meta.items() if k not in ("versionId", "lastUpdated")}
-                if meta:
-                    resource["meta"] = meta
-                else:
-                    resource.pop("meta")
-            resource = parse_resource(resource, item.rtype)
-            async with self._sem:
-                plan = await self.fhir._plan(
-                    self.org,
+            errors = await self.fhir._ensure_patients(self.org, wanted)
+        except MedledgerError as exc:
+            for item, _, _ in entries:
+                self._fail(report, item, exc)
+            return
+        writes: list[RecordWrite] = []
+        written: list[_Item] = []
+        for item, rid, (plain, patient, category, tokens, codes, date, _) in entries:
+            if patient in errors:
+                self._fail(report, item, errors[patient])
+                continue
+            writes.append(
+                RecordWrite(
                     item.rtype,
                     rid,
-                    resource,
-                    expected=None,
-                    must_exist=False,
-                    resume=True,
+                    patient,
+                    plain,
+                    category,
+                    tokens,
+                    codes,
+                    date,
+                    expected_version=0,  # never a second version of an imported resource
                 )
-                if not plan.created:
-                    report.existing += 1
-                    return
-                await self.fhir._guarded(self.fhir._commit(self.org, plan, None))
-            report.created += 1
-        except FhirError as exc:
-            report.failed.append({"where": item.where, "status": exc.status, "error": str(exc)})
+            )
+            written.append(item)
+        try:
+            results = await self.fhir.records.write_many(
+                self.org, writes, executor=self._executor()
+            )
+        except MedledgerError as exc:  # e.g. the ledger state could not be read: nothing written
+            for item in written:
+                self._fail(report, item, exc)
+            return
+        for item, result in zip(written, results, strict=True):
+            if isinstance(result, StoredRecord):
+                report.created += 1
+            elif isinstance(result, Conflict) and "current" in result.details:
+                report.existing += 1  # written meanwhile (same id twice in the data)
+            else:
+                self._fail(report, item, result)
+
+    async def _import(
+        self,
+        items: Sequence[_Item],
+        urns: Mapping[str, tuple[str, str]],
+        report: ImportReport,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Import ``items``: patients first, then (after ``gate``) the other resources."""
+        pending: list[tuple[_Item, str]] = []
+        seen: set[str] = set()
+        again: list[_Item] = []  # the same id twice in this batch: after the first
+        for item in items:
+            if item.resource is None:
+                self._fail(report, item, _err(400, "structure", item.error or "unreadable"))
+            elif item.rtype not in RECORD_TYPES:
+                report.skipped[item.rtype] = report.skipped.get(item.rtype, 0) + 1
+            else:
+                rid = self.ledger_id(item.rtype, item.source_id)
+                if rid in seen:
+                    again.append(item)
+                else:
+                    seen.add(rid)
+                    pending.append((item, rid))
+        try:
+            stored = await self.fhir.store.latest_versions([rid for _, rid in pending])
         except MedledgerError as exc:
-            report.failed.append({"where": item.where, "status": 500, "error": str(exc)})
+            for item, _ in pending:
+                self._fail(report, item, exc)
+            pending, again, stored = [], [], {}
+        todo = [(item, rid) for item, rid in pending if rid not in stored]
+        report.existing += len(pending) - len(todo)
+        prepared = await self._prepare(todo, urns)
+        ready: list[tuple[_Item, str, _Ready]] = []
+        for (item, rid), got in zip(todo, prepared, strict=True):
+            if len(got) == 3:
+                status, code, text = got
+                self._fail(report, item, FhirError(status, code, text))
+            else:
+                ready.append((item, rid, got))
+        await self._write([r for r in ready if r[0].rtype == "Patient"], report, register=True)
+        if gate is not None:
+            await gate()
+        await self._write([r for r in ready if r[0].rtype != "Patient"], report, register=False)
+        if again:
+            await self._import(again, urns, report)
+
+    async def _run_chunk(
+        self, chunk: _Chunk, before: asyncio.Event | None, report: ImportReport
+    ) -> None:
+        async def gate() -> None:  # the patients of every earlier batch are registered
+            if before is not None:
+                await before.wait()
+            chunk.patients_done.set()
+
+        report.seen += len(chunk.items)
+        try:
+            await self._import(chunk.items, chunk.urns, report, gate)
         finally:
-            if self.on_advance is not None:
-                self.on_advance(1)
+            chunk.patients_done.set()
+        if self.on_advance is not None:
+            self.on_advance(len(chunk.items))
 
     async def run(self, path: Path) -> ImportReport:
         """Import everything under ``path``; safe to repeat and to resume."""
         started = time.monotonic()
         report = ImportReport(str(path), self.org)
+        self._start_pool()
+        # The resources read are a large, long-lived and acyclic object graph: no cyclic
+        # garbage collection while reading them, and none of them scanned again by the
+        # full collections during the import (those pauses stop every thread of the
+        # node). Undone when the run ends.
+        thresholds = gc.get_threshold()
+        gc.set_threshold(thresholds[0], thresholds[1], max(thresholds[2], 100))
+        try:
+            await self._run(path, report)
+        finally:
+            gc.set_threshold(*thresholds)
+            gc.unfreeze()
+            await self._stop_pool()
+        report.seconds = time.monotonic() - started
+        return report
+
+    async def _run(self, path: Path, report: ImportReport) -> None:
         sources = self._sources(path)
         report.sources = len(sources)
         ck_file = self._checkpoint_file(path)
         checkpoint = self._load_checkpoint(ck_file)
         # file names can be PHI (Synthea names bundles after the patient): keep only hashes
         checkpoint.update({"org": self.org, "source": self.source})
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            loaded = self._load(sources, checkpoint)
+        finally:
+            if enabled:
+                gc.enable()
+        gc.freeze()
+        if self.on_total is not None:
+            self.on_total(sum(len(items) for _, items, _, _ in loaded))
+        await self._run_chunks(loaded, checkpoint, ck_file, report)
+
+    def _load(
+        self, sources: list[_Source], checkpoint: dict[str, Any]
+    ) -> list[tuple[_Source, list[_Item], dict[str, tuple[str, str]], int]]:
+        """Read every source; with where the checkpoint says to resume each."""
         loaded: list[tuple[_Source, list[_Item], dict[str, tuple[str, str]], int]] = []
         for src in sources:
             urns: dict[str, tuple[str, str]] = {}
@@ -1807,36 +2305,55 @@ class Importer:
             same = mark.get("size") == stat.st_size and mark.get("mtime_ns") == stat.st_mtime_ns
             done = int(mark.get("done", 0)) if same else 0
             loaded.append((src, items, urns, min(done, len(items))))
-        if self.on_total is not None:
-            self.on_total(sum(len(items) for _, items, _, _ in loaded))
-        for src, items, urns, done in loaded:
-            stat = src.path.stat()
+        return loaded
+
+    async def _run_chunks(
+        self,
+        loaded: list[tuple[_Source, list[_Item], dict[str, tuple[str, str]], int]],
+        checkpoint: dict[str, Any],
+        ck_file: Path,
+        report: ImportReport,
+    ) -> None:
+        chunks: list[_Chunk] = []
+        for n, (_, items, urns, done) in enumerate(loaded):
             report.resumed += done
             if done and self.on_advance is not None:
                 self.on_advance(done)
-            pos = done
-            while pos < len(items):
-                chunk = items[pos : pos + self.CHUNK]
-                report.seen += len(chunk)
-                # patients first: the others need them registered (items are sorted so)
-                for phase in (
-                    [it for it in chunk if it.rtype == "Patient"],
-                    [it for it in chunk if it.rtype != "Patient"],
-                ):
-                    await asyncio.gather(*(self._one(it, urns, report) for it in phase))
-                pos += len(chunk)
-                checkpoint["sources"][_key_hash(src.key)] = {
-                    "done": pos,
-                    "size": stat.st_size,
-                    "mtime_ns": stat.st_mtime_ns,
-                }
-                self._save_checkpoint(ck_file, checkpoint)
+            for pos in range(done, len(items), self.chunk):
+                chunk_items = items[pos : pos + self.chunk]
+                chunks.append(_Chunk(n, pos + len(chunk_items), chunk_items, urns))
+        stats = [src.path.stat() for src, _, _, _ in loaded]
+
+        def mark_done(n: int, done: int) -> None:
+            checkpoint["sources"][_key_hash(loaded[n][0].key)] = {
+                "done": done,
+                "size": stats[n].st_size,
+                "mtime_ns": stats[n].st_mtime_ns,
+            }
+
+        for n, (_, items, _, _) in enumerate(loaded):
             if not items:
-                checkpoint["sources"][_key_hash(src.key)] = {
-                    "done": 0,
-                    "size": stat.st_size,
-                    "mtime_ns": stat.st_mtime_ns,
-                }
+                mark_done(n, 0)
+        flushed = 0  # chunks[:flushed] are finished and in the checkpoint
+        next_chunk = 0
+
+        async def worker() -> None:
+            nonlocal flushed, next_chunk
+            while next_chunk < len(chunks):
+                k = next_chunk
+                next_chunk += 1
+                before = chunks[k - 1].patients_done if k else None
+                await self._run_chunk(chunks[k], before, report)
+                chunks[k].done = True
+                advanced = False
+                while flushed < len(chunks) and chunks[flushed].done:
+                    mark_done(chunks[flushed].source, chunks[flushed].end)
+                    flushed += 1
+                    advanced = True
+                if advanced:  # only past batches that finished: a resume redoes the rest
+                    self._save_checkpoint(ck_file, checkpoint)
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(self.pipeline, len(chunks))):
+                group.create_task(worker())
         self._save_checkpoint(ck_file, checkpoint)
-        report.seconds = time.monotonic() - started
-        return report

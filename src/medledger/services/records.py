@@ -25,6 +25,19 @@ plaintext), instead of creating another version. A staged copy whose
 transaction can never commit (older than twice the network's accepted clock
 skew and not on the ledger) is dropped by :meth:`RecordService.recover`.
 
+Writing many versions at once (:meth:`RecordService.write_many`)
+----------------------------------------------------------------
+The same steps for a batch (bulk import): every version is encrypted (in a
+process pool when one is given), all are staged in ONE store transaction,
+all ``record.register`` transactions are queued at once (the orderer packs
+them into few blocks), and the committed ones are promoted in ONE store
+transaction. The order of the single write is kept for every entry (staged
+before its transaction is submitted, acknowledged only once promoted), so the
+crash and recovery reasoning above holds for each of them. Entries are
+independent: one entry refused by the ledger (or failing its checks) is
+reported in its slot of the result and dropped from the store, and the
+others land.
+
 Reading (:meth:`RecordService.fetch`, :meth:`RecordService.fetch_many`)
 -------------------------------------------------------------------------
 The decision is made on the node's committed state and logged as exactly one
@@ -58,8 +71,9 @@ import hashlib
 import hmac
 import json
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from medledger.contracts._common import policy
@@ -80,12 +94,13 @@ from medledger.errors import (
     DecryptionError,
     IntegrityError,
     MalformedTransaction,
+    MedledgerError,
     NotFoundError,
     StorageError,
     TransactionRejected,
     Unauthorized,
 )
-from medledger.node import Node
+from medledger.node import Node, Receipt
 from medledger.services.access import AccessService, combine_decisions, decide_for
 from medledger.services.submitter import Submitter
 from medledger.state.base import StateReader
@@ -95,15 +110,19 @@ __all__ = [
     "Caller",
     "OrgCrypto",
     "RecordService",
+    "RecordWrite",
     "StoredRecord",
     "derive_index_key",
+    "index_token",
     "is_gone",
+    "seal_versions",
 ]
 
 SALT_SIZE = 32
 _INDEX_KEY_SALT = b"medledger/index-key/v1"
 _INDEX_KEY_INFO = b"search-index-tokens"
-_LOCK_STRIPES = 64
+#: versions sealed per process-pool task (and per slice between event-loop yields)
+_SEAL_SLICE = 64
 #: the purpose logged when a patient reads their own records (v3 ActReason "patient requested")
 PATIENT_PURPOSE = "PATRQT"
 
@@ -116,6 +135,121 @@ def derive_index_key(encryption: EncryptionKey) -> bytes:
     """
     prk = hmac.new(_INDEX_KEY_SALT, encryption.private_bytes(), hashlib.sha256).digest()
     return hmac.new(prk, _INDEX_KEY_INFO + b"\x01", hashlib.sha256).digest()
+
+
+def index_token(index_key: bytes, kind: str, system: str | None, value: str) -> bytes:
+    """HMAC-SHA256 search token ``kind|system|value`` (see :meth:`RecordService.index_token`)."""
+    return hmac.digest(index_key, f"{kind}|{system or ''}|{value}".encode(), "sha256")
+
+
+#: a recipient public key as ``(alg, raw)`` (picklable, for process pools)
+RawPublicKey = tuple[int, bytes]
+#: what :func:`seal_versions` seals: plaintext, associated data, recipients, committed code
+SealJob = tuple[bytes, bytes, Sequence[RawPublicKey], str | None]
+#: what it returns: salt, ciphertext, record key wrapped per recipient, code commitment
+Sealed = tuple[bytes, bytes, list[bytes], bytes | None]
+
+
+def seal_versions(jobs: Sequence[SealJob]) -> list[Sealed]:
+    """Encrypt each plaintext under a fresh record key wrapped for its recipients.
+
+    A pure function of its arguments (public keys only; the record keys never
+    leave it), so a batch can be sealed in a worker process. The associated
+    data is also the HPKE ``info`` of every wrap; the code commitment is
+    ``SHA-256(salt || code)``.
+    """
+    out: list[Sealed] = []
+    for plaintext, aad, recipients, code in jobs:
+        salt = os.urandom(SALT_SIZE)
+        record_key = aead.generate_record_key()
+        ciphertext = aead.encrypt(record_key, plaintext, aad)
+        wrapped = [
+            kem.wrap_key(EncryptionPublicKey(alg, raw), record_key, aad) for alg, raw in recipients
+        ]
+        out.append(
+            (salt, ciphertext, wrapped, None if code is None else sha256(salt, code.encode()))
+        )
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RecordWrite:
+    """One version for :meth:`RecordService.write_many` (the arguments of ``write``)."""
+
+    resource_type: str
+    record_id: str
+    patient: str
+    plaintext: bytes
+    category: str | None = None
+    code_tokens: Sequence[bytes] = ()
+    codes_for_commitment: Sequence[str] = ()
+    date: int | None = None
+    expected_version: int | None = None
+    deleted: bool = False
+
+
+@dataclass(slots=True)
+class _Built:
+    """A version ready to stage: what the store keeps and what the ledger gets."""
+
+    version: RecordVersion
+    keys: list[WrappedKey]
+    index: IndexEntry
+    payload: dict[str, Any]
+    resource: dict[str, Any] | None
+
+    def result(self, tx_id: bytes | None) -> StoredRecord:
+        v = self.version
+        return StoredRecord(
+            v.record,
+            v.resource_type,
+            v.patient,
+            v.custodian,
+            v.version,
+            v.last_updated,
+            self.resource,
+            tx_id,
+        )
+
+
+@dataclass(slots=True)
+class _LockEntry:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0  # holding or waiting; the entry is dropped at 0
+
+
+class _RecordLocks:
+    """One asyncio lock per record id, held for any number of records at once.
+
+    Records are locked in sorted order, so two batches never deadlock; entries
+    exist only while someone holds or waits for them.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, _LockEntry] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, records: Iterable[str]) -> AsyncIterator[None]:
+        entries: list[tuple[str, _LockEntry]] = []
+        for name in sorted(set(records)):
+            entry = self._locks.get(name)
+            if entry is None:
+                entry = self._locks[name] = _LockEntry()
+            entry.users += 1
+            entries.append((name, entry))
+        acquired = 0
+        try:
+            for _, entry in entries:
+                await entry.lock.acquire()
+                acquired += 1
+            yield
+        finally:
+            for n, (name, entry) in enumerate(entries):
+                if n < acquired:
+                    entry.lock.release()
+                entry.users -= 1
+                if entry.users == 0:
+                    del self._locks[name]
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +334,7 @@ class RecordService:
         self.access = access
         self.store = store
         self.orgs = dict(orgs)
-        self._locks = [asyncio.Lock() for _ in range(_LOCK_STRIPES)]
+        self._locks = _RecordLocks()
 
     # -- helpers ------------------------------------------------------------------------
     def _org(self, org: str) -> OrgCrypto:
@@ -209,9 +343,8 @@ class RecordService:
             raise NotFoundError(f"this node does not hold the keys of organisation {org!r}")
         return crypto
 
-    def _lock(self, record: str) -> asyncio.Lock:
-        digest = hashlib.sha256(record.encode()).digest()
-        return self._locks[int.from_bytes(digest[:4], "big") % _LOCK_STRIPES]
+    def _lock(self, record: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._locks.hold((record,))
 
     async def _ledger_record(self, record: str) -> dict[str, Any] | None:
         return await self.node.read(lambda st: get_record(st, record))
@@ -233,8 +366,7 @@ class RecordService:
         Tokens of the same code differ between organisations and reveal nothing
         without the key; the custodian's tokens are what its search index holds.
         """
-        message = f"{kind}|{system or ''}|{value}".encode()
-        return hmac.new(self._org(org).index_key, message, hashlib.sha256).digest()
+        return index_token(self._org(org).index_key, kind, system, value)
 
     # -- writing ------------------------------------------------------------------------
     async def write(
@@ -267,152 +399,341 @@ class RecordService:
         the organisation's node key.
         """
         crypto = self._org(org)
-        if deleted:
-            plaintext, resource = b"", None
-        else:
-            resource = _resource(plaintext, "the resource")
-        async with self._lock(record_id):
-            rec = await self._ledger_record(record_id)
-            current = 0 if rec is None else int(rec["version"])
-            if rec is not None:
-                completed = await self._repair(record_id)
-                same = completed.get(current)
-                if (
-                    same is not None
-                    and expected_version in (None, current - 1)
-                    and same.custodian == org
-                    and same.patient == patient
-                    and same.resource_type == resource_type
-                    and same.deleted == deleted
-                    and await self._plaintext_of(same) == plaintext
-                ):
-                    # an earlier attempt of this very write committed; it is now stored
-                    return StoredRecord(
-                        record_id,
-                        resource_type,
-                        patient,
-                        org,
-                        current,
-                        same.last_updated,
-                        resource,
-                    )
-            if expected_version is not None and expected_version != current:
-                raise Conflict(
-                    f"record {record_id} is at version {current}, not {expected_version}",
-                    current=current,
-                )
-            if rec is not None:
-                if rec["status"] == "shredded":
-                    raise _gone(record_id)
-                if rec["custodian"] != org:
-                    raise Unauthorized(f"record {record_id} is held by {rec['custodian']}")
-                if rec["patient"] != patient or rec["resource_type"] != resource_type:
-                    raise Conflict("a new version cannot change the patient or resource type")
-            return await self._write_version(
-                crypto,
-                rec,
-                resource_type,
-                record_id,
-                patient,
-                plaintext,
-                resource,
-                category=category,
-                code_tokens=code_tokens,
-                codes_for_commitment=codes_for_commitment,
-                date=date,
-                deleted=deleted,
-                author_key=author_key,
-            )
-
-    async def _write_version(
-        self,
-        crypto: OrgCrypto,
-        rec: dict[str, Any] | None,
-        resource_type: str,
-        record_id: str,
-        patient: str,
-        plaintext: bytes,
-        resource: dict[str, Any] | None,
-        *,
-        category: str | None,
-        code_tokens: Sequence[bytes],
-        codes_for_commitment: Sequence[str],
-        date: int | None,
-        deleted: bool,
-        author_key: SigningKey | None,
-    ) -> StoredRecord:
-        org = crypto.org
-        version = 1 if rec is None else int(rec["version"]) + 1
-        now = self.node.clock()
-        aad = aead.record_aad(record_id, version, patient)
-        salt = os.urandom(SALT_SIZE)
-        keys: list[WrappedKey] = []
-        if deleted:
-            ciphertext = b""
-        else:
-            record_key = aead.generate_record_key()
-            ciphertext = aead.encrypt(record_key, plaintext, aad)
-            keys.append(
-                WrappedKey(
-                    record_id,
-                    version,
-                    f"org:{org}",
-                    kem.wrap_key(crypto.encryption.public, record_key, aad),
-                )
-            )
-            patient_key = await self.node.read(lambda st: patient_enc_key(st, patient))
-            if patient_key is not None:
-                pub = EncryptionPublicKey(patient_key[1], patient_key[0])
-                keys.append(
-                    WrappedKey(
-                        record_id,
-                        version,
-                        f"patient:{patient}",
-                        kem.wrap_key(pub, record_key, aad),
-                    )
-                )
-        commitment = sha256(salt, ciphertext)
-        stored = RecordVersion(
-            record_id, version, patient, org, resource_type, salt, ciphertext, now, deleted
-        )
-        index = IndexEntry(
-            record_id,
+        w = RecordWrite(
             resource_type,
+            record_id,
             patient,
-            org,
-            tuple(sorted({bytes(t) for t in code_tokens})),
+            b"" if deleted else plaintext,
+            category,
+            tuple(code_tokens),
+            tuple(codes_for_commitment),
             date,
-            now,
-            version,
+            expected_version,
             deleted,
         )
+        resource = self._parse(w)
+        async with self._lock(record_id):
+            rec = await self._ledger_record(record_id)
+            done = await self._check(org, w, rec, resource)
+            if done is not None:
+                return done
+            patient_key = (
+                None if deleted else await self.node.read(lambda st: patient_enc_key(st, patient))
+            )
+            now = self.node.clock()
+            job = self._seal_job(crypto, w, rec, patient_key)
+            sealed = None if job is None else seal_versions([job])[0]
+            b = self._build(crypto, w, rec, resource, now, sealed)
+            await self.store.stage(b.version, b.keys, b.index, now)
+            try:
+                receipt = await self.submitter.submit(
+                    author_key or crypto.signing, "record.register", b.payload
+                )
+            except TransactionRejected:
+                with contextlib.suppress(StorageError):  # else recover() drops it later
+                    await self.store.unstage(record_id, b.version.version, b.version.salt)
+                raise
+            await self.store.put_version(b.version, b.keys, b.index)
+            return b.result(receipt.tx_id)
+
+    async def write_many(
+        self,
+        org: str,
+        writes: Sequence[RecordWrite],
+        *,
+        author_key: SigningKey | None = None,
+        executor: Executor | None = None,
+    ) -> list[StoredRecord | MedledgerError]:
+        """:meth:`write` for many records of ``org`` at once; one result per entry, in order.
+
+        Each slot holds the entry's :class:`StoredRecord` (committed and
+        stored) or the error that entry met (the same errors :meth:`write`
+        raises: :class:`Conflict`, a ledger refusal, :class:`StorageError` ...).
+        Entries are independent; a record id may appear once per call (later
+        duplicates get :class:`Conflict`). Three store transactions and one
+        batch of ledger transactions serve the whole call. ``executor`` (e.g.
+        a process pool) encrypts and wraps the keys off the event loop
+        (:func:`seal_versions`).
+        """
+        crypto = self._org(org)
+        results: list[StoredRecord | MedledgerError | None] = [None] * len(writes)
+        resources: dict[int, dict[str, Any] | None] = {}
+        seen: set[str] = set()
+        todo: list[int] = []
+        for i, w in enumerate(writes):
+            if w.record_id in seen:
+                results[i] = Conflict(f"record {w.record_id} is written twice in one batch")
+                continue
+            seen.add(w.record_id)
+            try:
+                resources[i] = self._parse(w)
+            except MalformedTransaction as exc:
+                results[i] = exc
+                continue
+            todo.append(i)
+        async with self._locks.hold(writes[i].record_id for i in todo):
+            ids = [writes[i].record_id for i in todo]
+            patients = {writes[i].patient for i in todo if not writes[i].deleted}
+
+            def look(
+                st: StateReader,
+            ) -> tuple[dict[str, dict[str, Any] | None], dict[str, tuple[bytes, int] | None]]:
+                return (
+                    {r: get_record(st, r) for r in ids},
+                    {p: patient_enc_key(st, p) for p in patients},
+                )
+
+            recs, patient_keys = await self.node.read(look)
+            ready: list[int] = []
+            for i in todo:
+                w = writes[i]
+                try:
+                    done = await self._check(org, w, recs[w.record_id], resources[i])
+                except MedledgerError as exc:
+                    results[i] = exc
+                    continue
+                if done is not None:
+                    results[i] = done
+                else:
+                    ready.append(i)
+            if ready:
+                await self._write_ready(
+                    crypto,
+                    [writes[i] for i in ready],
+                    [recs[writes[i].record_id] for i in ready],
+                    [resources[i] for i in ready],
+                    patient_keys,
+                    author_key,
+                    executor,
+                    results,
+                    ready,
+                )
+        out: list[StoredRecord | MedledgerError] = []
+        for r in results:
+            assert r is not None
+            out.append(r)
+        return out
+
+    async def _write_ready(
+        self,
+        crypto: OrgCrypto,
+        writes: list[RecordWrite],
+        recs: list[dict[str, Any] | None],
+        resources: list[dict[str, Any] | None],
+        patient_keys: Mapping[str, tuple[bytes, int] | None],
+        author_key: SigningKey | None,
+        executor: Executor | None,
+        results: list[StoredRecord | MedledgerError | None],
+        slots: list[int],
+    ) -> None:
+        """Seal, stage, commit and promote checked entries (records locked by the caller)."""
+        jobs = [
+            self._seal_job(crypto, w, rec, None if w.deleted else patient_keys.get(w.patient))
+            for w, rec in zip(writes, recs, strict=True)
+        ]
+        sealed = await self._seal(jobs, executor)
+        now = self.node.clock()
+        built = [
+            self._build(crypto, w, rec, res, now, sl)
+            for w, rec, res, sl in zip(writes, recs, resources, sealed, strict=True)
+        ]
+        try:
+            await self.store.stage_many([(b.version, b.keys, b.index) for b in built], now)
+        except StorageError as exc:  # nothing was submitted
+            for i in slots:
+                results[i] = exc
+            return
+        outcomes = await self.submitter.submit_many(
+            author_key or crypto.signing, [("record.register", b.payload) for b in built]
+        )
+        committed: list[tuple[int, _Built, Receipt]] = []
+        refused: list[_Built] = []
+        for i, b, outcome in zip(slots, built, outcomes, strict=True):
+            if isinstance(outcome, Receipt):
+                committed.append((i, b, outcome))
+                continue
+            results[i] = outcome
+            if isinstance(outcome, TransactionRejected):
+                refused.append(b)
+            # else (not committed, outcome unknown): left staged; recover() decides
+        if refused:
+            with contextlib.suppress(StorageError):  # else recover() drops them later
+                await self.store.unstage_many(
+                    [(b.version.record, b.version.version, b.version.salt) for b in refused]
+                )
+        if not committed:
+            return
+        try:
+            conflicts = await self.store.put_versions(
+                [(b.version, b.keys, b.index) for _, b, _ in committed]
+            )
+        except StorageError as exc:  # committed and staged: the next read, write or recover()
+            for i, _, _ in committed:
+                results[i] = exc
+            return
+        for (i, b, receipt), conflict in zip(committed, conflicts, strict=True):
+            results[i] = conflict if conflict is not None else b.result(receipt.tx_id)
+
+    @staticmethod
+    def _parse(w: RecordWrite) -> dict[str, Any] | None:
+        return None if w.deleted else _resource(w.plaintext, "the resource")
+
+    async def _check(
+        self,
+        org: str,
+        w: RecordWrite,
+        rec: dict[str, Any] | None,
+        resource: dict[str, Any] | None,
+    ) -> StoredRecord | None:
+        """May ``w`` be written on top of the ledger entry ``rec``? (record locked)
+
+        Returns the stored result when an earlier attempt of this very write
+        committed (it is completed now instead of writing another version);
+        raises :class:`Conflict` / :class:`Unauthorized` / gone when it may not.
+        """
+        current = 0 if rec is None else int(rec["version"])
+        if rec is not None:
+            completed = await self._repair(w.record_id)
+            same = completed.get(current)
+            if (
+                same is not None
+                and w.expected_version in (None, current - 1)
+                and same.custodian == org
+                and same.patient == w.patient
+                and same.resource_type == w.resource_type
+                and same.deleted == w.deleted
+                and await self._plaintext_of(same) == (b"" if w.deleted else w.plaintext)
+            ):
+                # an earlier attempt of this very write committed; it is now stored
+                return StoredRecord(
+                    w.record_id,
+                    w.resource_type,
+                    w.patient,
+                    org,
+                    current,
+                    same.last_updated,
+                    resource,
+                )
+        if w.expected_version is not None and w.expected_version != current:
+            raise Conflict(
+                f"record {w.record_id} is at version {current}, not {w.expected_version}",
+                current=current,
+            )
+        if rec is not None:
+            if rec["status"] == "shredded":
+                raise _gone(w.record_id)
+            if rec["custodian"] != org:
+                raise Unauthorized(f"record {w.record_id} is held by {rec['custodian']}")
+            if rec["patient"] != w.patient or rec["resource_type"] != w.resource_type:
+                raise Conflict("a new version cannot change the patient or resource type")
+        return None
+
+    @staticmethod
+    def _seal_job(
+        crypto: OrgCrypto,
+        w: RecordWrite,
+        rec: dict[str, Any] | None,
+        patient_key: tuple[bytes, int] | None,
+    ) -> SealJob | None:
+        """What :func:`seal_versions` needs for ``w`` (None: a tombstone, nothing to seal)."""
+        if w.deleted:
+            return None
+        version = 1 if rec is None else int(rec["version"]) + 1
+        recipients: list[RawPublicKey] = [
+            (crypto.encryption.public.alg, crypto.encryption.public.raw)
+        ]
+        if patient_key is not None:
+            recipients.append((patient_key[1], patient_key[0]))
+        code = w.codes_for_commitment[0] if w.codes_for_commitment else None
+        return (
+            w.plaintext,
+            aead.record_aad(w.record_id, version, w.patient),
+            recipients,
+            code,
+        )
+
+    async def _seal(
+        self, jobs: Sequence[SealJob | None], executor: Executor | None
+    ) -> list[Sealed | None]:
+        """:func:`seal_versions` of every job, in ``executor`` or in slices on the loop."""
+        real = [j for j in jobs if j is not None]
+        parts = [real[k : k + _SEAL_SLICE] for k in range(0, len(real), _SEAL_SLICE)]
+        done: list[Sealed] = []
+        if executor is not None and len(parts) > 1:
+            loop = asyncio.get_running_loop()
+            for got in await asyncio.gather(
+                *(loop.run_in_executor(executor, seal_versions, part) for part in parts)
+            ):
+                done.extend(got)
+        else:
+            for n, part in enumerate(parts):
+                if n:
+                    await asyncio.sleep(0)  # let commits and reads through between slices
+                done.extend(seal_versions(part))
+        it = iter(done)
+        return [None if j is None else next(it) for j in jobs]
+
+    def _build(
+        self,
+        crypto: OrgCrypto,
+        w: RecordWrite,
+        rec: dict[str, Any] | None,
+        resource: dict[str, Any] | None,
+        now: int,
+        sealed: Sealed | None,
+    ) -> _Built:
+        org = crypto.org
+        version = 1 if rec is None else int(rec["version"]) + 1
+        keys: list[WrappedKey] = []
+        code_commitment: bytes | None = None
+        if sealed is None:  # a tombstone
+            salt, ciphertext = os.urandom(SALT_SIZE), b""
+            if w.codes_for_commitment:
+                code_commitment = sha256(salt, w.codes_for_commitment[0].encode())
+        else:
+            salt, ciphertext, wrapped, code_commitment = sealed
+            recipients = [f"org:{org}", f"patient:{w.patient}"]
+            keys = [
+                WrappedKey(w.record_id, version, who, blob)
+                for who, blob in zip(recipients, wrapped, strict=False)
+            ]
+        stored = RecordVersion(
+            w.record_id,
+            version,
+            w.patient,
+            org,
+            w.resource_type,
+            salt,
+            ciphertext,
+            now,
+            w.deleted,
+        )
+        index = IndexEntry(
+            w.record_id,
+            w.resource_type,
+            w.patient,
+            org,
+            tuple(sorted({bytes(t) for t in w.code_tokens})),
+            w.date,
+            now,
+            version,
+            w.deleted,
+        )
         payload: dict[str, Any] = {
-            "record": record_id,
-            "patient": patient,
-            "resource_type": resource_type,
-            "commitment": commitment,
+            "record": w.record_id,
+            "patient": w.patient,
+            "resource_type": w.resource_type,
+            "commitment": sha256(salt, ciphertext),
             "version": version,
             "prev": None if rec is None else rec["commitment"],
         }
-        if category in PUBLIC_CATEGORIES:
-            payload["category"] = category
-        if codes_for_commitment:
-            payload["code_commitment"] = sha256(salt, codes_for_commitment[0].encode())
-        if date is not None and date >= 0:
-            payload["effective"] = date
-        await self.store.stage(stored, keys, index, now)
-        try:
-            receipt = await self.submitter.submit(
-                author_key or crypto.signing, "record.register", payload
-            )
-        except TransactionRejected:
-            with contextlib.suppress(StorageError):  # else recover() drops it later
-                await self.store.unstage(record_id, version, salt)
-            raise
-        await self.store.put_version(stored, keys, index)
-        return StoredRecord(
-            record_id, resource_type, patient, org, version, now, resource, receipt.tx_id
-        )
+        if w.category in PUBLIC_CATEGORIES:
+            payload["category"] = w.category
+        if code_commitment is not None:
+            payload["code_commitment"] = code_commitment
+        if w.date is not None and w.date >= 0:
+            payload["effective"] = w.date
+        return _Built(stored, keys, index, payload, resource)
 
     async def _plaintext_of(self, v: RecordVersion) -> bytes | None:
         """The custodian's own decryption of a stored version (``b""`` for a tombstone)."""
@@ -559,10 +880,22 @@ class RecordService:
         the commitment on this node's ledger, or when the key does not unwrap or
         the ciphertext does not decrypt.
         """
-        ciphertext, salt, wrapped = served
         commitment = await self._commitment(record, version)
         if commitment is None:
             raise NotFoundError(f"record {record} has no version {version} on the ledger")
+        return self._verify_and_decrypt(reader_org, record, version, patient, served, commitment)
+
+    def _verify_and_decrypt(
+        self,
+        reader_org: str,
+        record: str,
+        version: int,
+        patient: str,
+        served: tuple[bytes, bytes, bytes | None],
+        commitment: bytes,
+    ) -> bytes | None:
+        """The checks and decryption of :meth:`open`, against ``commitment`` from the ledger."""
+        ciphertext, salt, wrapped = served
         if sha256(salt, ciphertext) != commitment:
             raise IntegrityError(
                 f"record {record} version {version}: the ciphertext does not match its "
@@ -655,13 +988,17 @@ class RecordService:
         raise Unauthorized(f"access denied: {decision.reason}", rule=decision.rule)
 
     async def _decide_record(
-        self, caller: Caller, record_id: str
-    ) -> tuple[dict[str, Any], AccessRequest, Decision]:
-        """The ledger entry of a record and the decision about reading it, in one snapshot."""
+        self, caller: Caller, record_id: str, version: int | None = None
+    ) -> tuple[dict[str, Any], AccessRequest, Decision, bytes | None]:
+        """The ledger entry of a record, the decision about reading it and the commitment
+        of ``version`` (default: the latest; None if there is no such version), in one
+        snapshot."""
         kind = self._kind(caller)
         now = self.node.clock()
 
-        def look(st: StateReader) -> tuple[dict[str, Any], AccessRequest, Decision] | None:
+        def look(
+            st: StateReader,
+        ) -> tuple[dict[str, Any], AccessRequest, Decision, bytes | None] | None:
             rec = get_record(st, record_id)
             if rec is None:
                 return None
@@ -673,7 +1010,9 @@ class RecordService:
                 serving=rec["custodian"],
                 record=record_id,
             )
-            return rec, req, decide_for(st, req, kind)
+            entry = get_obj(st, k_recver(record_id, version or int(rec["version"])))
+            commitment = None if entry is None else bytes(entry["commitment"])
+            return rec, req, decide_for(st, req, kind), commitment
 
         found = await self.node.read(look)
         if found is None:
@@ -689,18 +1028,71 @@ class RecordService:
         not on the ledger; after logging: :class:`Unauthorized` when denied, a
         "gone" :class:`NotFoundError` (:func:`is_gone`) for an erased record,
         :class:`IntegrityError` for data that fails verification.
+
+        While the ``access.log`` transaction of a permitted read commits, the
+        ciphertext is already read, checked and decrypted (read-only work, in
+        memory only); nothing is returned, and nothing is written (a key grant
+        for another organisation), before that transaction is committed.
         """
-        rec, req, decision = await self._decide_record(caller, record_id)
+        rec, req, decision, commitment = await self._decide_record(caller, record_id, version)
         if version is not None and not 1 <= version <= int(rec["version"]):
             raise NotFoundError(f"record {record_id} has no version {version}")
-        await self.access.log(req, decision, on_behalf=caller.client, records=[record_id])
+        logged = asyncio.ensure_future(
+            self.access.log(req, decision, on_behalf=caller.client, records=[record_id])
+        )
         if not decision.permit:
+            await logged
             self._raise_denied(decision, record_id)
-        return await self._read(caller, rec, version or int(rec["version"]))
+        wanted = version or int(rec["version"])
+        try:
+            early = await self._read_prepared(caller, rec, wanted, commitment)
+        except BaseException:
+            await logged  # the decision is on the ledger before any error is reported
+            raise
+        await logged  # raises if the access could not be logged: nothing is released
+        if early is not None:
+            return early
+        return await self._read(caller, rec, wanted)
+
+    async def _read_prepared(
+        self, caller: Caller, rec: Mapping[str, Any], version: int, commitment: bytes | None
+    ) -> StoredRecord | None:
+        """:meth:`_read` when it needs no write: the version is stored and the reader's
+        organisation already holds its key. None: take the full path (after logging)."""
+        custodian = str(rec["custodian"])
+        reader = self._reader_org(caller, custodian)
+        if commitment is None or custodian not in self.orgs or reader not in self.orgs:
+            return None
+        record = str(rec["id"])
+        stored, wrapped = await self.store.get_sealed(record, version, f"org:{reader}")
+        if stored is None or stored.custodian != custodian:
+            return None
+        if stored.deleted:
+            wrapped = None
+        elif not stored.ciphertext or wrapped is None:
+            return None  # erased, or no key for the reader yet: the full path decides
+        plaintext = self._verify_and_decrypt(
+            reader,
+            record,
+            version,
+            str(rec["patient"]),
+            (stored.ciphertext, stored.salt, wrapped),
+            commitment,
+        )
+        resource = None if plaintext is None else _resource(plaintext, f"record {record}")
+        return StoredRecord(
+            record,
+            str(rec["resource_type"]),
+            str(rec["patient"]),
+            custodian,
+            version,
+            stored.last_updated,
+            resource,
+        )
 
     async def history(self, caller: Caller, record_id: str) -> list[StoredRecord]:
         """Every version of a record, oldest first, under one logged access decision."""
-        rec, req, decision = await self._decide_record(caller, record_id)
+        rec, req, decision, _ = await self._decide_record(caller, record_id)
         await self.access.log(req, decision, on_behalf=caller.client, records=[record_id])
         if not decision.permit:
             self._raise_denied(decision, record_id)
@@ -738,7 +1130,15 @@ class RecordService:
 
         def look(
             st: StateReader,
-        ) -> tuple[dict[str, dict[str, Any] | None], AccessRequest, list[Decision]] | None:
+        ) -> (
+            tuple[
+                dict[str, dict[str, Any] | None],
+                AccessRequest,
+                list[Decision],
+                list[tuple[int, bytes | None]],
+            ]
+            | None
+        ):
             pat = get_obj(st, k_patient(patient))
             if pat is None:
                 return None
@@ -752,36 +1152,60 @@ class RecordService:
                 )
                 for e in entries
             ] or [decide_for(st, base, kind)]
-            return recs, base, per
+            versions: list[tuple[int, bytes | None]] = []
+            for e in entries:  # the version each entry reads, and its commitment
+                rec = recs[e.record]
+                latest = 0 if rec is None else int(rec["version"])
+                v = e.version if 1 <= e.version <= latest else latest
+                entry = get_obj(st, k_recver(e.record, v)) if v else None
+                versions.append((v, None if entry is None else bytes(entry["commitment"])))
+            return recs, base, per, versions
 
         found = await self.node.read(look)
         if found is None:
             raise NotFoundError(f"patient {patient} is not registered")
-        recs, base, per = found
+        recs, base, per, versions = found
         decision = combine_decisions(per)
-        allowed = [e for e, d in zip(entries, per, strict=False) if d.permit]
-        logged = [e.record for e in (allowed if decision.permit else entries)]
-        await self.access.log(
-            base, decision, on_behalf=caller.client, records=list(dict.fromkeys(logged))
+        allowed = [(e, v) for e, d, v in zip(entries, per, versions, strict=False) if d.permit]
+        logged = [e.record for e in ([e for e, _ in allowed] if decision.permit else entries)]
+        log = asyncio.ensure_future(
+            self.access.log(
+                base, decision, on_behalf=caller.client, records=list(dict.fromkeys(logged))
+            )
         )
         if not decision.permit:
+            await log
             self._raise_denied(decision)
         withheld = list(dict.fromkeys(t for d in per for t in d.denied_types))
 
-        async def one(e: IndexEntry) -> StoredRecord | None:
+        def ledger_entry(e: IndexEntry) -> dict[str, Any]:
             rec = recs[e.record]
             assert rec is not None  # permitted implies it is on the ledger
-            latest = int(rec["version"])
+            return rec
+
+        # read-only work while the access.log commits (see fetch); released only after it
+        try:
+            early = await asyncio.gather(
+                *(self._read_prepared(caller, ledger_entry(e), v, c) for e, (v, c) in allowed)
+            )
+        except BaseException:
+            await log
+            raise
+        await log
+
+        async def one(e: IndexEntry, version: int, got: StoredRecord | None) -> StoredRecord | None:
+            if got is not None:
+                return got
             try:
-                return await self._read(
-                    caller, rec, e.version if 1 <= e.version <= latest else latest
-                )
+                return await self._read(caller, ledger_entry(e), version)
             except NotFoundError as exc:
                 if is_gone(exc):
                     return None
                 raise
 
-        results = await asyncio.gather(*(one(e) for e in allowed))
+        results = await asyncio.gather(
+            *(one(e, v, got) for (e, (v, _)), got in zip(allowed, early, strict=True))
+        )
         return [r for r in results if r is not None], withheld
 
     # -- erasure ------------------------------------------------------------------------

@@ -12,15 +12,27 @@ Two backends behind one async :class:`RecordStore` protocol:
 
 * :class:`SqliteRecordStore` (``sqlite:///path``): standard-library ``sqlite3``
   in its own file (``datadir/records.db``), WAL with ``synchronous=FULL`` and
-  ``secure_delete=ON``; every call runs on one dedicated thread, so the API
-  stays async and the connection is never shared between threads.
+  ``secure_delete=ON``; writes run on one dedicated thread and connection,
+  reads on a second (read-only) one, so the API stays async, no connection is
+  shared between threads, and a read never waits behind a write. Writes are
+  *group-committed*: the write calls waiting for the writer thread run together
+  in one transaction (each in its own savepoint, so one call's failure leaves
+  the others intact) and one ``fsync``; each caller still returns only after
+  the transaction holding its write committed. Batch writes insert many rows
+  per statement (the thread hands the GIL back and forth once per statement,
+  which under load costs more than the rows themselves).
 * :class:`PostgresRecordStore` (``postgresql://...``): psycopg 3 async, a small
   pool of connections, tables prefixed ``rec_`` created when missing (they may
   share the node's ledger database).
 
-Every method is atomic (one database transaction). Backend errors surface as
-:class:`~medledger.errors.StorageError`; a version stored twice with different
-content is a :class:`~medledger.errors.Conflict`.
+Every method is atomic (one database transaction, or one savepoint of a group
+commit). Backend errors surface as :class:`~medledger.errors.StorageError`; a
+version stored twice with different content is a :class:`~medledger.errors.Conflict`.
+
+Batches (bulk import): :meth:`RecordStore.stage_many`,
+:meth:`RecordStore.put_versions` and :meth:`RecordStore.unstage_many` do the
+work of many single calls in one transaction; :meth:`RecordStore.latest_versions`
+answers "which of these records are stored" in one query.
 
 Staging (crash safety of writes)
 --------------------------------
@@ -50,6 +62,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -78,6 +91,8 @@ T = TypeVar("T")
 MAX_IDS = 1000
 #: Most tokens one search may match on.
 MAX_TOKENS = 500
+#: Most ``?`` parameters in one SQLite statement (the library's default limit is 32766).
+_SQLITE_MAX_VARIABLES = 30_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +179,12 @@ class RecordStore(Protocol):
         """Add keys for grantees (idempotent; ignored for missing or shredded versions)."""
         ...
 
+    async def get_sealed(
+        self, record: str, version: int, recipient: str
+    ) -> tuple[RecordVersion | None, bytes | None]:
+        """:meth:`get_version` and :meth:`get_wrapped` of one version in one call (a read)."""
+        ...
+
     async def search(
         self,
         *,
@@ -207,6 +228,33 @@ class RecordStore(Protocol):
 
     async def unstage(self, record: str, version: int, salt: bytes) -> None:
         """Forget a staged version (its transaction was refused or can never commit)."""
+        ...
+
+    async def stage_many(
+        self,
+        items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]],
+        staged_at: int,
+    ) -> None:
+        """:meth:`stage` for many versions in one transaction (all or none)."""
+        ...
+
+    async def put_versions(
+        self, items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]]
+    ) -> list[Conflict | None]:
+        """:meth:`put_version` for many versions in one transaction.
+
+        Returns, per item, ``None`` (stored, or already stored identically) or
+        the :class:`Conflict` that item met (nothing of it was written); any
+        other failure raises and stores nothing.
+        """
+        ...
+
+    async def unstage_many(self, items: Sequence[tuple[str, int, bytes]]) -> None:
+        """:meth:`unstage` of many ``(record, version, salt)`` in one transaction."""
+        ...
+
+    async def latest_versions(self, records: Sequence[str]) -> dict[str, int]:
+        """The latest stored version number of each of ``records`` that has one."""
         ...
 
     async def close(self) -> None: ...
@@ -401,20 +449,257 @@ def _sqlite_errors(what: str) -> Iterator[None]:
         raise StorageError(f"record store (sqlite): {what}: {exc}") from exc
 
 
-class SqliteRecordStore:
-    """A :class:`RecordStore` in one SQLite file, used from one dedicated thread."""
+def _sqlite_put(
+    db: sqlite3.Connection, v: RecordVersion, keys: Sequence[WrappedKey], index: IndexEntry
+) -> None:
+    """The body of :meth:`SqliteRecordStore.put_version` (inside a transaction).
 
-    def __init__(self, path: Path, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    A :class:`Conflict` is raised before anything of the version is written.
+    """
+    cur = db.execute(
+        f"INSERT OR IGNORE INTO rec_versions ({_VERSION_COLUMNS}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            v.record,
+            v.version,
+            v.patient,
+            v.custodian,
+            v.resource_type,
+            v.salt,
+            v.ciphertext,
+            v.last_updated,
+            int(v.deleted),
+        ),
+    )
+    if cur.rowcount == 0:
+        row = db.execute(
+            "SELECT salt, ciphertext FROM rec_versions WHERE record = ? AND version = ?",
+            (v.record, v.version),
+        ).fetchone()
+        if row is None or bytes(row[0]) != v.salt or bytes(row[1]) != v.ciphertext:
+            raise Conflict(
+                f"record {v.record} version {v.version} is already stored with other content"
+            )
+    db.executemany(
+        "INSERT OR IGNORE INTO rec_keys (record, version, recipient, wrapped) VALUES (?, ?, ?, ?)",
+        [(k.record, k.version, k.recipient, k.wrapped) for k in keys],
+    )
+    updated = db.execute(
+        "INSERT INTO rec_index (record, resource_type, patient, custodian, date, "
+        "last_updated, version, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (record) DO UPDATE SET resource_type = excluded.resource_type, "
+        "patient = excluded.patient, custodian = excluded.custodian, "
+        "date = excluded.date, last_updated = excluded.last_updated, "
+        "version = excluded.version, deleted = excluded.deleted "
+        "WHERE excluded.version >= rec_index.version RETURNING record",
+        (
+            index.record,
+            index.resource_type,
+            index.patient,
+            index.custodian,
+            index.date,
+            index.last_updated,
+            index.version,
+            int(index.deleted),
+        ),
+    ).fetchall()
+    if updated:
+        db.execute("DELETE FROM rec_tokens WHERE record = ?", (index.record,))
+        db.executemany(
+            "INSERT OR IGNORE INTO rec_tokens (token, record) VALUES (?, ?)",
+            [(bytes(t), index.record) for t in set(index.tokens)],
+        )
+    db.execute("DELETE FROM rec_staged WHERE record = ? AND version = ?", (v.record, v.version))
+
+
+def _insert_rows(
+    db: sqlite3.Connection, head: str, rows: Sequence[tuple[Any, ...]], tail: str = ""
+) -> None:
+    """``head VALUES (..), (..) tail`` for many rows in as few statements as possible.
+
+    One statement runs in one step of the SQLite engine, so the store thread
+    gives up and takes back the GIL once per statement rather than once per row.
+    """
+    if not rows:
+        return
+    width = len(rows[0])
+    per = max(1, _SQLITE_MAX_VARIABLES // width)
+    one = "(" + ", ".join("?" * width) + ")"
+    for part in _chunks(rows, per):
+        db.execute(
+            f"{head} VALUES {', '.join([one] * len(part))} {tail}",
+            [value for row in part for value in row],
+        )
+
+
+def _sqlite_put_many(
+    db: sqlite3.Connection, items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]]
+) -> list[Conflict | None]:
+    """:func:`_sqlite_put` of many versions, a few statements for all (same outcome)."""
+    if len({v.record for v, _, _ in items}) < len(items):
+        # a record twice: the index rule depends on the order; one version at a time
+        out: list[Conflict | None] = []
+        for v, keys, index in items:
+            try:
+                _sqlite_put(db, v, keys, index)
+            except Conflict as exc:
+                out.append(exc)
+            else:
+                out.append(None)
+        return out
+    records = [v.record for v, _, _ in items]
+    stored: dict[tuple[str, int], tuple[bytes, bytes]] = {}
+    indexed: dict[str, int] = {}
+    for part in _chunks(records, _SQLITE_MAX_VARIABLES):
+        marks = ", ".join("?" * len(part))
+        for r, n, salt, ct in db.execute(
+            f"SELECT record, version, salt, ciphertext FROM rec_versions WHERE record IN ({marks})",
+            list(part),
+        ):
+            stored[(str(r), int(n))] = (bytes(salt), bytes(ct))
+        for r, n in db.execute(
+            f"SELECT record, version FROM rec_index WHERE record IN ({marks})", list(part)
+        ):
+            indexed[str(r)] = int(n)
+    results: list[Conflict | None] = []
+    ok: list[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]] = []
+    for v, keys, index in items:
+        have = stored.get((v.record, v.version))
+        if have is not None and have != (v.salt, v.ciphertext):
+            results.append(
+                Conflict(
+                    f"record {v.record} version {v.version} is already stored with other content"
+                )
+            )
+            continue
+        results.append(None)
+        ok.append((v, keys, index))
+    _insert_rows(
+        db,
+        f"INSERT OR IGNORE INTO rec_versions ({_VERSION_COLUMNS})",
+        [
+            (
+                v.record,
+                v.version,
+                v.patient,
+                v.custodian,
+                v.resource_type,
+                v.salt,
+                v.ciphertext,
+                v.last_updated,
+                int(v.deleted),
+            )
+            for v, _, _ in ok
+            if (v.record, v.version) not in stored
+        ],
+    )
+    _insert_rows(
+        db,
+        "INSERT OR IGNORE INTO rec_keys (record, version, recipient, wrapped)",
+        [(k.record, k.version, k.recipient, k.wrapped) for _, keys, _ in ok for k in keys],
+    )
+    # the index row follows the newest version (the rule of the upsert in _sqlite_put)
+    newer = [index for _, _, index in ok if index.version >= indexed.get(index.record, 0)]
+    _insert_rows(
+        db,
+        "INSERT INTO rec_index (record, resource_type, patient, custodian, date, "
+        "last_updated, version, deleted)",
+        [
+            (
+                i.record,
+                i.resource_type,
+                i.patient,
+                i.custodian,
+                i.date,
+                i.last_updated,
+                i.version,
+                int(i.deleted),
+            )
+            for i in newer
+        ],
+        "ON CONFLICT (record) DO UPDATE SET resource_type = excluded.resource_type, "
+        "patient = excluded.patient, custodian = excluded.custodian, "
+        "date = excluded.date, last_updated = excluded.last_updated, "
+        "version = excluded.version, deleted = excluded.deleted",
+    )
+    replaced = [i.record for i in newer if i.record in indexed]
+    for part in _chunks(replaced, _SQLITE_MAX_VARIABLES):
+        db.execute(
+            f"DELETE FROM rec_tokens WHERE record IN ({', '.join('?' * len(part))})", list(part)
+        )
+    _insert_rows(
+        db,
+        "INSERT OR IGNORE INTO rec_tokens (token, record)",
+        [(bytes(t), i.record) for i in newer for t in sorted(set(i.tokens))],
+    )
+    done = [(v.record, v.version) for v, _, _ in ok]
+    for pairs in _chunks(done, _SQLITE_MAX_VARIABLES // 2):
+        db.execute(
+            "DELETE FROM rec_staged WHERE (record, version) IN "
+            f"(VALUES {', '.join(['(?, ?)'] * len(pairs))})",
+            [x for pair in pairs for x in pair],
+        )
+    return results
+
+
+def _chunks(items: Sequence[T], size: int = 500) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+@dataclass(slots=True)
+class _Job:
+    """A write waiting for the next group commit."""
+
+    what: str
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _resolve(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():  # the caller was cancelled; its write ran (or not) all the same
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class SqliteRecordStore:
+    """A :class:`RecordStore` in one SQLite file: one writer thread, one reader thread.
+
+    Writes (group-committed) run on the writer's connection; reads run on a
+    second connection in their own thread, so a read never waits behind a
+    batch being written (WAL: a read sees every transaction committed before
+    it starts, so a caller always reads its own acknowledged writes).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        db: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        reader: sqlite3.Connection,
+        reader_executor: ThreadPoolExecutor,
+    ) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
         self._db = db
         self._io = executor
+        self._rdb = reader
+        self._rio = reader_executor
         self._closed = False
+        self._pending: list[_Job] = []
+        self._pending_lock = threading.Lock()
+        self._flushing = False  # a group commit is queued on (or running in) the thread
 
     @classmethod
     async def open(cls, path: str | Path) -> SqliteRecordStore:
         p = Path(path)
         io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medledger-records")
+        rio = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medledger-records-read")
+        loop = asyncio.get_running_loop()
 
         def _open() -> sqlite3.Connection:
             with _sqlite_errors("open"):
@@ -431,14 +716,42 @@ class SqliteRecordStore:
                     raise
                 return db
 
+        def _open_reader() -> sqlite3.Connection:
+            with _sqlite_errors("open"):
+                db = sqlite3.connect(str(p), isolation_level=None, check_same_thread=False)
+                try:
+                    db.execute("PRAGMA busy_timeout=10000")
+                    db.execute("PRAGMA query_only=ON")
+                except BaseException:
+                    db.close()
+                    raise
+                return db
+
+        db: sqlite3.Connection | None = None
         try:
-            db = await asyncio.get_running_loop().run_in_executor(io, _open)
+            db = await loop.run_in_executor(io, _open)
+            reader = await loop.run_in_executor(rio, _open_reader)
         except BaseException:
+            if db is not None:
+                await loop.run_in_executor(io, db.close)
             io.shutdown(wait=False)
+            rio.shutdown(wait=False)
             raise
-        return cls(p, db, io)
+        return cls(p, db, io, reader, rio)
 
     async def _run(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a read ``fn`` on the reader connection (its own thread)."""
+        if self._closed:
+            raise StorageError("the record store is closed")
+
+        def call() -> T:
+            with _sqlite_errors(what):
+                return fn(self._rdb)
+
+        return await asyncio.get_running_loop().run_in_executor(self._rio, call)
+
+    async def _run_writer(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the writer connection outside a transaction (e.g. a checkpoint)."""
         if self._closed:
             raise StorageError("the record store is closed")
 
@@ -449,87 +762,98 @@ class SqliteRecordStore:
         return await asyncio.get_running_loop().run_in_executor(self._io, call)
 
     async def _tx(self, what: str, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` inside one ``BEGIN IMMEDIATE`` transaction."""
+        """Run ``fn`` in the next group commit; return once that transaction committed.
 
-        def call(db: sqlite3.Connection) -> T:
+        Every write waiting when the store thread becomes free joins one
+        ``BEGIN IMMEDIATE`` ... ``COMMIT`` (one ``fsync`` for all), each in its
+        own savepoint: ``fn`` raising rolls back its own changes only. If the
+        transaction itself fails, every write of it fails with StorageError.
+        """
+        if self._closed:
+            raise StorageError("the record store is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        with self._pending_lock:
+            self._pending.append(_Job(what, fn, future, loop))
+            start = not self._flushing
+            self._flushing = True
+        if start:
+            self._schedule_flush()
+        return await future
+
+    def _schedule_flush(self) -> None:
+        try:
+            self._io.submit(self._flush)
+        except RuntimeError:  # the executor was shut down (store closed)
+            self._fail_pending(StorageError("the record store is closed"))
+
+    def _fail_pending(self, exc: StorageError) -> None:
+        with self._pending_lock:
+            jobs, self._pending = self._pending, []
+            self._flushing = False
+        for job in jobs:
+            job.loop.call_soon_threadsafe(_resolve, job.future, False, exc)
+
+    def _flush(self) -> None:
+        """One group commit of the waiting writes (on the store thread)."""
+        with self._pending_lock:
+            jobs, self._pending = self._pending, []
+        results: list[tuple[bool, Any]] = []
+        db = self._db
+        try:
             db.execute("BEGIN IMMEDIATE")
             try:
-                result = fn(db)
+                for job in jobs:
+                    db.execute("SAVEPOINT job")
+                    try:
+                        value = job.fn(db)
+                    except sqlite3.Error as exc:
+                        db.execute("ROLLBACK TO job")
+                        db.execute("RELEASE job")
+                        err = StorageError(f"record store (sqlite): {job.what}: {exc}")
+                        err.__cause__ = exc
+                        results.append((False, err))
+                    except Exception as exc:  # Conflict, StorageError: this write only
+                        db.execute("ROLLBACK TO job")
+                        db.execute("RELEASE job")
+                        results.append((False, exc))
+                    else:
+                        db.execute("RELEASE job")
+                        results.append((True, value))
+                db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
-            db.execute("COMMIT")
-            return result
-
-        return await self._run(what, call)
+        except Exception as exc:  # the transaction failed: none of its writes happened
+            what = ", ".join(sorted({j.what for j in jobs}))
+            err = StorageError(f"record store (sqlite): {what}: {exc}")
+            err.__cause__ = exc
+            results = [(False, err)] * len(jobs)
+        for job, (ok, value) in zip(jobs, results, strict=True):
+            job.loop.call_soon_threadsafe(_resolve, job.future, ok, value)
+        with self._pending_lock:
+            again = bool(self._pending)
+            self._flushing = again
+        if again:  # re-queue behind the reads submitted meanwhile, so they are not starved
+            self._schedule_flush()
 
     # -- writes -------------------------------------------------------------------------
     async def put_version(
         self, v: RecordVersion, keys: Sequence[WrappedKey], index: IndexEntry
     ) -> None:
         _check_version(v, keys, index)
+        await self._tx("put_version", lambda db: _sqlite_put(db, v, keys, index))
 
-        def put(db: sqlite3.Connection) -> None:
-            cur = db.execute(
-                f"INSERT OR IGNORE INTO rec_versions ({_VERSION_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    v.record,
-                    v.version,
-                    v.patient,
-                    v.custodian,
-                    v.resource_type,
-                    v.salt,
-                    v.ciphertext,
-                    v.last_updated,
-                    int(v.deleted),
-                ),
-            )
-            if cur.rowcount == 0:
-                row = db.execute(
-                    "SELECT salt, ciphertext FROM rec_versions WHERE record = ? AND version = ?",
-                    (v.record, v.version),
-                ).fetchone()
-                if row is None or bytes(row[0]) != v.salt or bytes(row[1]) != v.ciphertext:
-                    raise Conflict(
-                        f"record {v.record} version {v.version} is already stored "
-                        "with other content"
-                    )
-            db.executemany(
-                "INSERT OR IGNORE INTO rec_keys (record, version, recipient, wrapped) "
-                "VALUES (?, ?, ?, ?)",
-                [(k.record, k.version, k.recipient, k.wrapped) for k in keys],
-            )
-            updated = db.execute(
-                "INSERT INTO rec_index (record, resource_type, patient, custodian, date, "
-                "last_updated, version, deleted) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (record) DO UPDATE SET resource_type = excluded.resource_type, "
-                "patient = excluded.patient, custodian = excluded.custodian, "
-                "date = excluded.date, last_updated = excluded.last_updated, "
-                "version = excluded.version, deleted = excluded.deleted "
-                "WHERE excluded.version >= rec_index.version RETURNING record",
-                (
-                    index.record,
-                    index.resource_type,
-                    index.patient,
-                    index.custodian,
-                    index.date,
-                    index.last_updated,
-                    index.version,
-                    int(index.deleted),
-                ),
-            ).fetchall()
-            if updated:
-                db.execute("DELETE FROM rec_tokens WHERE record = ?", (index.record,))
-                db.executemany(
-                    "INSERT OR IGNORE INTO rec_tokens (token, record) VALUES (?, ?)",
-                    [(bytes(t), index.record) for t in set(index.tokens)],
-                )
-            db.execute(
-                "DELETE FROM rec_staged WHERE record = ? AND version = ?", (v.record, v.version)
-            )
+    async def put_versions(
+        self, items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]]
+    ) -> list[Conflict | None]:
+        for v, keys, index in items:
+            _check_version(v, keys, index)
+        if not items:
+            return []
 
-        await self._tx("put_version", put)
+        return await self._tx("put_versions", lambda db: _sqlite_put_many(db, items))
 
     async def put_wrapped(self, keys: Sequence[WrappedKey]) -> None:
         if not keys:
@@ -548,14 +872,28 @@ class SqliteRecordStore:
     async def stage(
         self, v: RecordVersion, keys: Sequence[WrappedKey], index: IndexEntry, staged_at: int
     ) -> None:
-        _check_version(v, keys, index)
-        item = _encode_staged(v, keys, index)
+        await self.stage_many([(v, keys, index)], staged_at)
+
+    async def stage_many(
+        self,
+        items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]],
+        staged_at: int,
+    ) -> None:
+        rows = []
+        for v, keys, index in items:
+            _check_version(v, keys, index)
+            rows.append(
+                (v.record, v.version, v.salt, v.patient, staged_at, _encode_staged(v, keys, index))
+            )
+        if not rows:
+            return
 
         def put(db: sqlite3.Connection) -> None:
-            db.execute(
+            _insert_rows(
+                db,
                 "INSERT OR REPLACE INTO rec_staged (record, version, salt, patient, staged_at, "
-                "item) VALUES (?, ?, ?, ?, ?, ?)",
-                (v.record, v.version, v.salt, v.patient, staged_at, item),
+                "item)",
+                rows,
             )
 
         await self._tx("stage", put)
@@ -576,13 +914,37 @@ class SqliteRecordStore:
         return [_decode_staged(bytes(r[0]), int(r[1])) for r in rows]
 
     async def unstage(self, record: str, version: int, salt: bytes) -> None:
+        await self.unstage_many([(record, version, salt)])
+
+    async def unstage_many(self, items: Sequence[tuple[str, int, bytes]]) -> None:
+        rows = [(r, int(n), bytes(salt)) for r, n, salt in items]
+        if not rows:
+            return
+
         def delete(db: sqlite3.Connection) -> None:
-            db.execute(
-                "DELETE FROM rec_staged WHERE record = ? AND version = ? AND salt = ?",
-                (record, version, salt),
+            db.executemany(
+                "DELETE FROM rec_staged WHERE record = ? AND version = ? AND salt = ?", rows
             )
 
         await self._tx("unstage", delete)
+
+    async def latest_versions(self, records: Sequence[str]) -> dict[str, int]:
+        ids = list(dict.fromkeys(records))
+
+        def get(db: sqlite3.Connection) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for part in _chunks(ids):
+                out.update(
+                    (str(r), int(n))
+                    for r, n in db.execute(
+                        "SELECT record, MAX(version) FROM rec_versions WHERE record IN "
+                        f"({', '.join('?' * len(part))}) GROUP BY record",
+                        list(part),
+                    )
+                )
+            return out
+
+        return await self._run("latest_versions", get) if ids else {}
 
     async def shred_patient(self, patient: str) -> int:
         def shred(db: sqlite3.Connection) -> int:
@@ -617,7 +979,9 @@ class SqliteRecordStore:
         count = await self._tx("shred_patient", shred)
         # move the WAL into the database (secure_delete zeroes freed content) and empty it,
         # so the destroyed keys and ciphertexts do not linger in the -wal file
-        await self._run("checkpoint", lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))
+        await self._run_writer(
+            "checkpoint", lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        )
         return count
 
     # -- reads --------------------------------------------------------------------------
@@ -658,6 +1022,30 @@ class SqliteRecordStore:
 
         row = await self._run("get_wrapped", get)
         return None if row is None else bytes(row[0])
+
+    async def get_sealed(
+        self, record: str, version: int, recipient: str
+    ) -> tuple[RecordVersion | None, bytes | None]:
+        def get(db: sqlite3.Connection) -> tuple[RecordVersion | None, bytes | None]:
+            db.execute("BEGIN")  # one snapshot for both
+            try:
+                row = db.execute(
+                    f"SELECT {_VERSION_COLUMNS} FROM rec_versions WHERE record = ? AND version = ?",
+                    (record, version),
+                ).fetchone()
+                key = db.execute(
+                    "SELECT wrapped FROM rec_keys WHERE record = ? AND version = ? "
+                    "AND recipient = ?",
+                    (record, version, recipient),
+                ).fetchone()
+            finally:
+                db.execute("COMMIT")
+            return (
+                None if row is None else _version_row(row),
+                None if key is None else bytes(key[0]),
+            )
+
+        return await self._run("get_sealed", get)
 
     async def search(
         self,
@@ -721,13 +1109,14 @@ class SqliteRecordStore:
     async def close(self) -> None:
         if self._closed:
             return
-
-        def close(db: sqlite3.Connection) -> None:
-            db.close()
-
-        await self._run("close", close)
+        loop = asyncio.get_running_loop()
         self._closed = True
-        self._io.shutdown(wait=True)
+        try:
+            await loop.run_in_executor(self._rio, self._rdb.close)
+            await loop.run_in_executor(self._io, self._db.close)  # after queued group commits
+        finally:
+            self._rio.shutdown(wait=True)
+            self._io.shutdown(wait=True)
 
 
 # -- PostgreSQL -----------------------------------------------------------------------
@@ -759,6 +1148,76 @@ _PG_SCHEMA = [
 ]
 #: advisory lock id taken while creating the schema (concurrent openers do not race)
 _PG_SCHEMA_LOCK = 0x6D65_6472_6563  # "medrec"
+
+
+async def _pg_put(
+    conn: Any, v: RecordVersion, keys: Sequence[WrappedKey], index: IndexEntry
+) -> None:
+    """The body of :meth:`PostgresRecordStore.put_version` (inside a transaction)."""
+    cur = await conn.execute(
+        f"INSERT INTO rec_versions ({_VERSION_COLUMNS}) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (record, version) DO NOTHING RETURNING record",
+        (
+            v.record,
+            v.version,
+            v.patient,
+            v.custodian,
+            v.resource_type,
+            v.salt,
+            v.ciphertext,
+            v.last_updated,
+            v.deleted,
+        ),
+    )
+    if await cur.fetchone() is None:
+        cur = await conn.execute(
+            "SELECT salt, ciphertext FROM rec_versions WHERE record = %s AND version = %s",
+            (v.record, v.version),
+        )
+        row = await cur.fetchone()
+        if row is None or bytes(row[0]) != v.salt or bytes(row[1]) != v.ciphertext:
+            raise Conflict(
+                f"record {v.record} version {v.version} is already stored with other content"
+            )
+    if keys:
+        async with conn.cursor() as c:
+            await c.executemany(
+                "INSERT INTO rec_keys (record, version, recipient, wrapped) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                [(k.record, k.version, k.recipient, k.wrapped) for k in keys],
+            )
+    cur = await conn.execute(
+        "INSERT INTO rec_index AS r (record, resource_type, patient, custodian, date, "
+        "last_updated, version, deleted) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (record) DO UPDATE SET resource_type = excluded.resource_type, "
+        "patient = excluded.patient, custodian = excluded.custodian, "
+        "date = excluded.date, last_updated = excluded.last_updated, "
+        "version = excluded.version, deleted = excluded.deleted "
+        "WHERE excluded.version >= r.version RETURNING r.record",
+        (
+            index.record,
+            index.resource_type,
+            index.patient,
+            index.custodian,
+            index.date,
+            index.last_updated,
+            index.version,
+            index.deleted,
+        ),
+    )
+    if await cur.fetchone() is not None:
+        await conn.execute("DELETE FROM rec_tokens WHERE record = %s", (index.record,))
+        if index.tokens:
+            async with conn.cursor() as c:
+                await c.executemany(
+                    "INSERT INTO rec_tokens (token, record) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                    [(bytes(t), index.record) for t in set(index.tokens)],
+                )
+    await conn.execute(
+        "DELETE FROM rec_staged WHERE record = %s AND version = %s",
+        (v.record, v.version),
+    )
 
 
 class PostgresRecordStore:
@@ -814,74 +1273,31 @@ class PostgresRecordStore:
         _check_version(v, keys, index)
 
         async def put(conn: Any) -> None:
-            cur = await conn.execute(
-                f"INSERT INTO rec_versions ({_VERSION_COLUMNS}) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (record, version) DO NOTHING RETURNING record",
-                (
-                    v.record,
-                    v.version,
-                    v.patient,
-                    v.custodian,
-                    v.resource_type,
-                    v.salt,
-                    v.ciphertext,
-                    v.last_updated,
-                    v.deleted,
-                ),
-            )
-            if await cur.fetchone() is None:
-                cur = await conn.execute(
-                    "SELECT salt, ciphertext FROM rec_versions WHERE record = %s AND version = %s",
-                    (v.record, v.version),
-                )
-                row = await cur.fetchone()
-                if row is None or bytes(row[0]) != v.salt or bytes(row[1]) != v.ciphertext:
-                    raise Conflict(
-                        f"record {v.record} version {v.version} is already stored "
-                        "with other content"
-                    )
-            if keys:
-                async with conn.cursor() as c:
-                    await c.executemany(
-                        "INSERT INTO rec_keys (record, version, recipient, wrapped) "
-                        "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        [(k.record, k.version, k.recipient, k.wrapped) for k in keys],
-                    )
-            cur = await conn.execute(
-                "INSERT INTO rec_index AS r (record, resource_type, patient, custodian, date, "
-                "last_updated, version, deleted) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (record) DO UPDATE SET resource_type = excluded.resource_type, "
-                "patient = excluded.patient, custodian = excluded.custodian, "
-                "date = excluded.date, last_updated = excluded.last_updated, "
-                "version = excluded.version, deleted = excluded.deleted "
-                "WHERE excluded.version >= r.version RETURNING r.record",
-                (
-                    index.record,
-                    index.resource_type,
-                    index.patient,
-                    index.custodian,
-                    index.date,
-                    index.last_updated,
-                    index.version,
-                    index.deleted,
-                ),
-            )
-            if await cur.fetchone() is not None:
-                await conn.execute("DELETE FROM rec_tokens WHERE record = %s", (index.record,))
-                if index.tokens:
-                    async with conn.cursor() as c:
-                        await c.executemany(
-                            "INSERT INTO rec_tokens (token, record) VALUES (%s, %s) "
-                            "ON CONFLICT DO NOTHING",
-                            [(bytes(t), index.record) for t in set(index.tokens)],
-                        )
-            await conn.execute(
-                "DELETE FROM rec_staged WHERE record = %s AND version = %s",
-                (v.record, v.version),
-            )
+            await _pg_put(conn, v, keys, index)
 
         await self._run("put_version", put)
+
+    async def put_versions(
+        self, items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]]
+    ) -> list[Conflict | None]:
+        for v, keys, index in items:
+            _check_version(v, keys, index)
+        if not items:
+            return []
+
+        async def put(conn: Any) -> list[Conflict | None]:
+            out: list[Conflict | None] = []
+            for v, keys, index in items:
+                try:
+                    await _pg_put(conn, v, keys, index)
+                except Conflict as exc:
+                    out.append(exc)
+                else:
+                    out.append(None)
+            return out
+
+        result: list[Conflict | None] = await self._run("put_versions", put)
+        return result
 
     async def put_wrapped(self, keys: Sequence[WrappedKey]) -> None:
         if not keys:
@@ -905,16 +1321,30 @@ class PostgresRecordStore:
     async def stage(
         self, v: RecordVersion, keys: Sequence[WrappedKey], index: IndexEntry, staged_at: int
     ) -> None:
-        _check_version(v, keys, index)
-        item = _encode_staged(v, keys, index)
+        await self.stage_many([(v, keys, index)], staged_at)
+
+    async def stage_many(
+        self,
+        items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]],
+        staged_at: int,
+    ) -> None:
+        rows = []
+        for v, keys, index in items:
+            _check_version(v, keys, index)
+            rows.append(
+                (v.record, v.version, v.salt, v.patient, staged_at, _encode_staged(v, keys, index))
+            )
+        if not rows:
+            return
 
         async def put(conn: Any) -> None:
-            await conn.execute(
-                "INSERT INTO rec_staged (record, version, salt, patient, staged_at, item) "
-                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (record, version, salt) "
-                "DO UPDATE SET item = excluded.item, staged_at = excluded.staged_at",
-                (v.record, v.version, v.salt, v.patient, staged_at, item),
-            )
+            async with conn.cursor() as c:
+                await c.executemany(
+                    "INSERT INTO rec_staged (record, version, salt, patient, staged_at, item) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (record, version, salt) "
+                    "DO UPDATE SET item = excluded.item, staged_at = excluded.staged_at",
+                    rows,
+                )
 
         await self._run("stage", put)
 
@@ -937,13 +1367,37 @@ class PostgresRecordStore:
         return [_decode_staged(bytes(r[0]), int(r[1])) for r in rows]
 
     async def unstage(self, record: str, version: int, salt: bytes) -> None:
+        await self.unstage_many([(record, version, salt)])
+
+    async def unstage_many(self, items: Sequence[tuple[str, int, bytes]]) -> None:
+        rows = [(r, int(n), bytes(salt)) for r, n, salt in items]
+        if not rows:
+            return
+
         async def delete(conn: Any) -> None:
-            await conn.execute(
-                "DELETE FROM rec_staged WHERE record = %s AND version = %s AND salt = %s",
-                (record, version, salt),
-            )
+            async with conn.cursor() as c:
+                await c.executemany(
+                    "DELETE FROM rec_staged WHERE record = %s AND version = %s AND salt = %s",
+                    rows,
+                )
 
         await self._run("unstage", delete)
+
+    async def latest_versions(self, records: Sequence[str]) -> dict[str, int]:
+        ids = list(dict.fromkeys(records))
+        if not ids:
+            return {}
+
+        async def get(conn: Any) -> list[Any]:
+            cur = await conn.execute(
+                "SELECT record, MAX(version) FROM rec_versions WHERE record = ANY(%s) "
+                "GROUP BY record",
+                (ids,),
+            )
+            rows: list[Any] = await cur.fetchall()
+            return rows
+
+        return {str(r): int(n) for r, n in await self._run("latest_versions", get, tx=False)}
 
     async def shred_patient(self, patient: str) -> int:
         async def shred(conn: Any) -> int:
@@ -1017,6 +1471,29 @@ class PostgresRecordStore:
 
         row = await self._run("get_wrapped", get, tx=False)
         return None if row is None else bytes(row[0])
+
+    async def get_sealed(
+        self, record: str, version: int, recipient: str
+    ) -> tuple[RecordVersion | None, bytes | None]:
+        async def get(conn: Any) -> tuple[Any, Any]:
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur = await conn.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM rec_versions WHERE record = %s AND version = %s",
+                (record, version),
+            )
+            row = await cur.fetchone()
+            cur = await conn.execute(
+                "SELECT wrapped FROM rec_keys WHERE record = %s AND version = %s "
+                "AND recipient = %s",
+                (record, version, recipient),
+            )
+            return row, await cur.fetchone()
+
+        row, key = await self._run("get_sealed", get)
+        return (
+            None if row is None else _version_row(row),
+            None if key is None else bytes(key[0]),
+        )
 
     async def search(
         self,
