@@ -88,6 +88,7 @@ from medledger.errors import (
     Unauthorized,
 )
 from medledger.fhir.outcome import FhirError, from_medledger_error, operation_outcome
+from medledger.fhir.validate import SUPPORTED_TYPES
 from medledger.ledger.tx import Transaction
 from medledger.node import Node
 from medledger.services.access import AccessService
@@ -116,23 +117,10 @@ __all__ = [
 ]
 
 FHIR_JSON = "application/fhir+json"
-#: Resource types stored as encrypted records.
-RECORD_TYPES: frozenset[str] = frozenset(
-    {
-        "Patient",
-        "Observation",
-        "Condition",
-        "Encounter",
-        "Procedure",
-        "MedicationRequest",
-        "AllergyIntolerance",
-        "Immunization",
-        "DiagnosticReport",
-        "DocumentReference",
-    }
-)
 #: Every type the API serves.
-API_TYPES: frozenset[str] = RECORD_TYPES | {"Consent", "AuditEvent"}
+API_TYPES: frozenset[str] = SUPPORTED_TYPES
+#: Resource types stored as encrypted records (Consent and AuditEvent live on the ledger).
+RECORD_TYPES: frozenset[str] = SUPPORTED_TYPES - {"Consent", "AuditEvent"}
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
 _EVERYTHING_PAGE = MAX_RECORDS  # one page of $everything is one access.log entry

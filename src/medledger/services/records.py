@@ -840,14 +840,9 @@ class RecordService:
         try:
             pub = EncryptionPublicKey(int(org["enc_alg"]), bytes(org["enc_key"]))
         except (CryptoError, KeyError, TypeError, ValueError) as exc:
-            # a genesis written with hex keys may hold an unusable ledger key (see
-            # /work/spec/CHANGES.md); an organisation this node serves still has its own
-            local = self.orgs.get(reader_org)
-            if local is None:
-                raise IntegrityError(
-                    f"the encryption key of {reader_org} on the ledger is not usable"
-                ) from exc
-            pub = local.encryption.public
+            raise IntegrityError(
+                f"the encryption key of {reader_org} on the ledger is not usable"
+            ) from exc
         wrapped = kem.wrap_key(pub, record_key, aad)
         await self.store.put_wrapped([WrappedKey(record, version, recipient, wrapped)])
         return stored, wrapped
