@@ -35,7 +35,7 @@ import secrets
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +103,12 @@ class Recording:
         state_changes: dict[bytes, bytes | None],
         smt_writes: dict[bytes, bytes | None],
         checkpoint: str | None = None,
+        meta: Mapping[str, bytes] | None = None,
     ) -> None:
         t0 = time.perf_counter()
-        self._inner.commit_block(block, txs, tree_nodes, state_changes, smt_writes, checkpoint)
+        self._inner.commit_block(
+            block, txs, tree_nodes, state_changes, smt_writes, checkpoint, meta
+        )
         self.seconds.append(time.perf_counter() - t0)
         self.rows.append(1 + len(txs) + len(tree_nodes) + len(state_changes) + len(smt_writes))
         if self.keep:

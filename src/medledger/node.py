@@ -132,6 +132,9 @@ class _ReadCache:
     def has_tx(self, tx_id: bytes) -> bool:
         return self.store.has_tx(tx_id)
 
+    def known_txs(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        return self.store.known_txs(tx_ids)
+
     def committed(
         self, rows: Mapping[bytes, bytes | None], nodes: Mapping[bytes, bytes | None]
     ) -> None:
@@ -355,6 +358,7 @@ class Node:
         precheck: Callable[[StateReader, BlockHeader], None] | None = None,
         before_write: Callable[[LedgerStore, int], None] | None = None,
         if_empty: Callable[[LedgerStore, int], None] | None = None,
+        block_meta: Callable[[int], Mapping[str, bytes]] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         """Build, sign and durably commit one block from ``txs`` (orderer callback).
 
@@ -369,6 +373,8 @@ class Node:
         nothing is written); ``before_write(store, height)`` just before block
         ``height`` commits; ``if_empty(store, head_height)`` when every
         transaction is rejected, in which case no block is written.
+        ``block_meta(height)`` gives store metadata entries written in the block's own
+        transaction (atomically with it, and without a commit of their own).
         """
         if block_time is None:
             block_time = self.clock()
@@ -378,7 +384,7 @@ class Node:
             if precheck is not None:
                 assert self._head is not None
                 precheck(self._cache, self._head.header)
-            out = self._commit_sync(txs, bt, signatures, proposer, before_write)
+            out = self._commit_sync(txs, bt, signatures, proposer, before_write, block_meta)
             if if_empty is not None and all(isinstance(r, TransactionRejected) for r in out):
                 if_empty(self.store, self.head.height)
             return out
@@ -454,6 +460,7 @@ class Node:
         signatures: Sequence[bool] | None = None,
         proposer: bytes | None = None,
         before_write: Callable[[LedgerStore, int], None] | None = None,
+        block_meta: Callable[[int], Mapping[str, bytes]] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         head = self._head
         assert head is not None and self.proposer is not None
@@ -488,7 +495,8 @@ class Node:
             return [rejected[i] for i in range(len(txs))]
         if before_write is not None:
             before_write(self.store, result.header.height)
-        self._write_block(result)
+        meta = block_meta(result.header.height) if block_meta is not None else None
+        self._write_block(result, meta=meta)
         head.header, head.compact = result.header, compact
         out: list[Receipt | TransactionRejected] = []
         index = result.header.first
@@ -500,7 +508,12 @@ class Node:
                 index += 1
         return out
 
-    def _write_block(self, result: BlockResult, sig: bytes | None = None) -> None:
+    def _write_block(
+        self,
+        result: BlockResult,
+        sig: bytes | None = None,
+        meta: Mapping[str, bytes] | None = None,
+    ) -> None:
         # Every node signs the headers it stores with its own key, also when another
         # node proposed the block (etcd ordering): the header (with its proposer key id)
         # is identical everywhere; verify accepts any member node key's signature.
@@ -520,6 +533,7 @@ class Node:
             result.state_changes,
             result.smt_writes,
             checkpoint=note,
+            meta=meta,
         )
         self._cache.committed(result.state_changes, result.smt_writes)
 

@@ -17,7 +17,14 @@ from medledger.errors import (
     TransactionRejected,
     WrongNetwork,
 )
-from medledger.ledger.tx import MAX_TX_BYTES, SIG_DOMAIN, Transaction, make_tx
+from medledger.ledger.tx import (
+    MAX_TX_BYTES,
+    SIG_DOMAIN,
+    Transaction,
+    check_signatures,
+    check_signed,
+    make_tx,
+)
 
 from .conftest import BLOCK_TIME, NETWORK, seeded_key
 
@@ -359,3 +366,21 @@ def test_any_key_signs_verifiable_transactions(seed: bytes) -> None:
     tx = make_tx(key, NETWORK, "note.anchor", {"digest": seed}, seq=1, time=0)
     parse_and_verify(tx.raw)
     assert tx.signer == key.key_id
+
+
+def test_check_signed_agrees_with_checking_the_parsed_transaction() -> None:
+    key = seeded_key("check-signed")
+    good = [
+        make_tx(
+            key, NETWORK, "note.anchor", {"digest": bytes([i]) * 32}, seq=i + 1, time=BLOCK_TIME
+        )
+        for i in range(3)
+    ]
+    forged = Transaction.from_bytes(good[1].raw.replace(good[1].sig, bytes(64)))
+    other = seeded_key("someone else")
+    items = [(t.pub, t.sig, t.signing_bytes()) for t in [*good, forged]]
+    items.append((other.public.raw, good[0].sig, good[0].signing_bytes()))  # wrong key
+    items.append((b"\x01" * 31 + b"\x80", good[0].sig, good[0].signing_bytes()))  # bad point
+    assert check_signed(items) == [True, True, True, False, False, False]
+    raws = [t.raw for t in [*good, forged]]
+    assert check_signatures(raws) == check_signed(items)[:4]

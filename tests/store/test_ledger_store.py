@@ -284,6 +284,30 @@ def test_log_transactions(store: LedgerStore) -> None:
     assert list(store.iter_txs(7, 100)) == every[7:]
 
 
+def test_known_txs_answers_for_many_ids_at_once(store: LedgerStore) -> None:
+    stored = [_tx(i, 1) for i in range(1200)]  # more than one SQLite "IN (...)" chunk
+    _commit(store, 0)
+    _commit(store, 1, txs=stored)
+    new = [hashlib.sha256(b"new/%d" % i).digest() for i in range(800)]
+    asked = [t.tx_id for t in stored[::2]] + new + [stored[0].tx_id]  # a repeat too
+    assert store.known_txs(asked) == {t.tx_id for t in stored[::2]}
+    assert store.known_txs(new) == set()
+    assert store.known_txs([]) == set()
+
+
+def test_meta_written_with_a_block_commits_with_it(store: LedgerStore) -> None:
+    _commit(store, 0)
+    store.commit_block(
+        BlockRecord(1, b"header/1", b"sig/1"), [_tx(0, 1)], [], {}, {}, meta={"pos": b"1"}
+    )
+    assert store.get_meta("pos") == b"1"
+    with pytest.raises(StorageError):  # height 1 again: the whole block, meta too, is refused
+        store.commit_block(
+            BlockRecord(1, b"header/1", b"sig/1"), [_tx(1, 1)], [], {}, {}, meta={"pos": b"2"}
+        )
+    assert store.get_meta("pos") == b"1"
+
+
 def test_log_tree_nodes(store: LedgerStore) -> None:
     ids = [(0, 0), (0, 1), (1, 0), (3, 5), (40, 2**50 + 3), (55, 1)]
     tree = [(i, hashlib.sha256(repr(i).encode()).digest()) for i in ids]

@@ -393,22 +393,29 @@ class PeerService:
         if not self.monitor.writes_allowed:
             raise Refused(f"writes are halted: {self.monitor.halted_reason}", 503, "halted")
 
-        async def one(raw: bytes) -> dict[str, Any]:
+        # Queued in request order (a signer's sequence numbers must stay in order), then
+        # awaited together: one future per transaction, no task per transaction.
+        out: list[dict[str, Any] | None] = [None] * len(raws)
+        waiting: list[tuple[int, asyncio.Future[Receipt]]] = []
+        for i, raw in enumerate(raws):
             try:
-                tx = Transaction.from_bytes(raw)
-                receipt = await self.node.submit(tx)
-            except TransactionRejected as exc:
-                return {"ok": False, "error": exc.code, "message": str(exc)}
-            except OrdererError as exc:
-                return {"ok": False, "error": exc.code, "message": str(exc)}
-            return {
-                "ok": True,
-                "tx_id": receipt.tx_id,
-                "index": receipt.index,
-                "height": receipt.height,
-            }
-
-        return list(await asyncio.gather(*(one(r) for r in raws)))
+                waiting.append((i, self.node.enqueue(Transaction.from_bytes(raw))))
+            except (TransactionRejected, OrdererError) as exc:
+                out[i] = {"ok": False, "error": exc.code, "message": str(exc)}
+        done = await asyncio.gather(*(f for _, f in waiting), return_exceptions=True)
+        for (i, _), res in zip(waiting, done, strict=True):
+            if isinstance(res, (TransactionRejected, OrdererError)):
+                out[i] = {"ok": False, "error": res.code, "message": str(res)}
+            elif isinstance(res, BaseException):
+                raise res
+            else:
+                out[i] = {
+                    "ok": True,
+                    "tx_id": res.tx_id,
+                    "index": res.index,
+                    "height": res.height,
+                }
+        return [r for r in out if r is not None]
 
 
 def health_json(node: Node, org: str, monitor: ConsortiumMonitor) -> dict[str, Any]:

@@ -52,6 +52,9 @@ class ChainReader(StateReader, NodeStore, Protocol):
     """What building a block needs to read from the previous committed state."""
 
     def has_tx(self, tx_id: bytes) -> bool: ...
+    def known_txs(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        """The ids among ``tx_ids`` already in the log."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +161,11 @@ def build_block(
     block_time = max(block_time, prev_header.time)
     overlay = Overlay(prev)
     in_block: set[bytes] = set()
+    # the log does not change while the block is built: one lookup for the whole block
+    on_ledger = prev.known_txs([tx.tx_id for tx in txs]) if txs else set()
 
     def seen(tx_id: bytes) -> bool:
-        return tx_id in in_block or prev.has_tx(tx_id)
+        return tx_id in in_block or tx_id in on_ledger
 
     accepted: list[Transaction] = []
     receipts: list[bytes] = []

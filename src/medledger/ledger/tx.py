@@ -41,7 +41,14 @@ from medledger.errors import (
     WrongNetwork,
 )
 
-__all__ = ["MAX_TX_BYTES", "SIG_DOMAIN", "Transaction", "check_signatures", "make_tx"]
+__all__ = [
+    "MAX_TX_BYTES",
+    "SIG_DOMAIN",
+    "Transaction",
+    "check_signatures",
+    "check_signed",
+    "make_tx",
+]
 
 SIG_DOMAIN = b"medledger/tx/v1\x00"
 ENVELOPE_VERSION = 1
@@ -297,6 +304,30 @@ def check_signatures(raws: list[bytes]) -> list[bool]:
             out.append(False)
         else:
             out.append(True)
+    return out
+
+
+def check_signed(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
+    """Check ``(pub, sig, signing bytes)`` triples: the signature step of parsed transactions.
+
+    For a caller that has already parsed the transactions (and so derived their
+    signing bytes from their own raw bytes): the worker process then only verifies,
+    without parsing every transaction a second time. ``False`` where the public key
+    is invalid or the signature does not verify.
+    """
+    out = []
+    for pub, sig, message in items:
+        key = _KEYS.get(pub)
+        if key is None:
+            try:
+                key = VerifyKey(pub)
+            except Exception:
+                out.append(False)
+                continue
+            if len(_KEYS) >= _KEYS_LIMIT:
+                _KEYS.clear()
+            _KEYS[pub] = key
+        out.append(key.is_valid(sig, message))
     return out
 
 

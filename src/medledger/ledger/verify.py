@@ -26,7 +26,7 @@ the transaction's log index and id.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,9 @@ class _Replay:
 
     def has_tx(self, tx_id: bytes) -> bool:
         return tx_id in self.tx_ids
+
+    def known_txs(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        return {t for t in tx_ids if t in self.tx_ids}
 
 
 def _fail(what: str, message: str, **where: Any) -> _Fail:

@@ -17,7 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from medledger.errors import OrdererError, TransactionRejected
-from medledger.ledger.tx import check_signatures
+from medledger.ledger.tx import check_signed
 
 if TYPE_CHECKING:
     from medledger.ledger.tx import Transaction
@@ -113,9 +113,10 @@ class EmbeddedOrderer:
                 self._pool = ProcessPoolExecutor(
                     max_workers=self._verify_workers, mp_context=mp.get_context("spawn")
                 )
-            raws = [tx.raw for tx, _ in batch]
+            # the worker verifies (pub, sig, signing bytes): it need not parse again
+            items = [(tx.pub, tx.sig, tx.signing_bytes()) for tx, _ in batch]
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, check_signatures, raws)
+            return await loop.run_in_executor(self._pool, check_signed, items)
         except (BrokenProcessPool, OSError):
             self._verify_workers = 0  # fall back to checking inline from now on
             return None

@@ -48,10 +48,10 @@ node that stored the block over the (identical) header hash; the header's
 node checked before deriving the block (the proposal itself is not kept on the
 ledger). Checkpoint notes are likewise signed by each node with its own key.
 
-**Position and restart.** Before committing block ``h`` derived from the proposal
-at revision ``r``, the node writes ``(h, r)`` into store metadata (two slots, by
-the parity of ``h``); after a proposal that makes no block it records
-``(head, r)``. On restart it resumes after the revision recorded for its head
+**Position and restart.** With block ``h`` derived from the proposal at revision
+``r``, in the same store transaction, the node writes ``(h, r)`` into store
+metadata (two slots, by the parity of ``h``); after a proposal that makes no
+block it records ``(head, r)``. On restart it resumes after the revision recorded for its head
 height: proposals after it made no block and are decided again on the same
 state, with the same outcome.
 
@@ -99,7 +99,7 @@ from medledger.errors import (
     OrdererError,
     TransactionRejected,
 )
-from medledger.ledger.tx import Transaction, check_signatures
+from medledger.ledger.tx import Transaction, check_signed
 
 if TYPE_CHECKING:
     from medledger.ledger.block import BlockHeader
@@ -116,6 +116,7 @@ __all__ = [
     "InvalidProposal",
     "Proposal",
     "check_proposal",
+    "position_meta",
     "read_position",
     "write_position",
 ]
@@ -291,14 +292,21 @@ def check_proposal(
 # -- position in the etcd log (store metadata) ----------------------------------------------
 
 
+def position_meta(height: int, revision: int) -> dict[str, bytes]:
+    """The store metadata entry recording position ``(height, revision)``."""
+    return {_POSITION_META.format(height % 2): encode({"height": height, "rev": revision})}
+
+
 def write_position(store: LedgerStore, height: int, revision: int) -> None:
     """Record that the proposals up to ``revision`` are applied, with head ``height``.
 
-    Written *before* block ``height`` commits (slot by parity, so the previous
-    height's record survives a crash in between) and after a proposal that made
-    no block. Also what catch-up calls after importing blocks from peers.
+    Written in the same store transaction as block ``height`` (see
+    :func:`position_meta`; slot by parity, so the previous height's record is never
+    overwritten by a block that did not commit) and on its own after a proposal that
+    made no block. Also what catch-up calls after importing blocks from peers.
     """
-    store.set_meta(_POSITION_META.format(height % 2), encode({"height": height, "rev": revision}))
+    for key, value in position_meta(height, revision).items():
+        store.set_meta(key, value)
 
 
 def read_position(store: LedgerStore) -> tuple[int, int] | None:
@@ -443,7 +451,7 @@ class EtcdOrderer:
         submit_timeout: float = 10.0,
         request_timeout: float = 2.0,
         verify_workers: int = 1,
-        parallel_threshold: int = 64,
+        parallel_threshold: int = 16,
         report_interval: float = 0.5,
         compact_interval: float | None = 60.0,
         max_pending: int = 1,
@@ -479,6 +487,10 @@ class EtcdOrderer:
         self._aux_conn = _Conn(endpoints, request_timeout)  # applied records, compaction
 
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        # submit deadlines in submission order (the timeout is fixed, so this is also
+        # deadline order): one timer for the earliest, not one per transaction
+        self._expiry: collections.deque[tuple[float, asyncio.Future[Receipt]]] = collections.deque()
+        self._expiry_timer: asyncio.TimerHandle | None = None
         self._inflight: dict[bytes, list[_Item]] = {}
         self._events: asyncio.Queue[_Event] = asyncio.Queue(maxsize=32)
         self._tasks: list[asyncio.Task[None]] = []
@@ -518,7 +530,10 @@ class EtcdOrderer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Receipt] = loop.create_future()
         self._queue.put_nowait(_Item(tx, fut, len(tx.raw) + 8))
-        loop.call_later(self._submit_timeout, self._expire, fut)
+        when = loop.time() + self._submit_timeout
+        self._expiry.append((when, fut))
+        if self._expiry_timer is None:
+            self._expiry_timer = loop.call_at(when, self._sweep)
         return fut
 
     async def submit(self, tx: Transaction) -> Receipt:
@@ -563,6 +578,10 @@ class EtcdOrderer:
                 await task
         self._tasks.clear()
         self._fail_all(OrdererError("the node is shutting down; not committed"))
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+            self._expiry_timer = None
+        self._expiry.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
@@ -743,6 +762,17 @@ class EtcdOrderer:
             it = self._queue.get_nowait()
             if not it.fut.done():
                 it.fut.set_exception(exc)
+
+    def _sweep(self) -> None:
+        """Fail the submits whose deadline has passed; re-arm for the next deadline."""
+        loop = asyncio.get_running_loop()
+        self._expiry_timer = None
+        now = loop.time()
+        queue = self._expiry
+        while queue and (queue[0][0] <= now or queue[0][1].done()):
+            self._expire(queue.popleft()[1])
+        if queue and not self._closed:
+            self._expiry_timer = loop.call_at(queue[0][0], self._sweep)
 
     def _expire(self, fut: asyncio.Future[Receipt]) -> None:
         if fut.done():
@@ -963,19 +993,26 @@ class EtcdOrderer:
                 positions.append(i)
             except MalformedTransaction as exc:
                 malformed[i] = exc
-        verdicts = await self._verify([tx.raw for tx in txs])
+        verdicts = await self._verify(txs)
         return _Prepared(event, p, "", txs, positions, malformed, verdicts)
 
-    async def _verify(self, raws: list[bytes]) -> list[bool] | None:
-        if self._verify_workers == 0 or 0 < len(raws) < self._parallel_threshold:
+    async def _verify(self, txs: list[Transaction]) -> list[bool] | None:
+        """Signature verdicts from the worker process, or None (checked inline when applied).
+
+        The transactions were parsed here from the proposal's bytes; the worker gets
+        each one's public key, signature and signing bytes (derived from those same
+        bytes) and only verifies.
+        """
+        if self._verify_workers == 0 or 0 < len(txs) < self._parallel_threshold:
             return None
+        items = [(tx.pub, tx.sig, tx.signing_bytes()) for tx in txs]
         try:
             if self._pool is None:
                 self._pool = ProcessPoolExecutor(
                     max_workers=self._verify_workers, mp_context=mp.get_context("spawn")
                 )
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, check_signatures, raws)
+            return await loop.run_in_executor(self._pool, check_signed, items)
         except (BrokenProcessPool, OSError, RuntimeError) as exc:
             log.warning("signature workers unavailable (%s); checking inline", exc)
             self._verify_workers = 0
@@ -1004,7 +1041,7 @@ class EtcdOrderer:
                 block_time=p.time,
                 proposer=p.proposer,
                 precheck=_check,
-                before_write=lambda store, h: write_position(store, h, rev),
+                block_meta=lambda h: position_meta(h, rev),
                 if_empty=lambda store, h: write_position(store, h, rev),
             )
         except InvalidProposal as exc:

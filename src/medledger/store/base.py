@@ -18,7 +18,7 @@ native errors into :class:`medledger.errors.StorageError`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -59,6 +59,10 @@ class LedgerStore(Protocol):
 
     # -- log ------------------------------------------------------------------------
     def has_tx(self, tx_id: bytes) -> bool: ...
+    def known_txs(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        """The ids among ``tx_ids`` that are in the log (one lookup for many)."""
+        ...
+
     def get_tx(self, tx_id: bytes) -> TxRecord | None: ...
     def get_tx_at(self, index: int) -> TxRecord | None: ...
     def iter_txs(self, start: int = 0, end: int | None = None) -> Iterator[TxRecord]: ...
@@ -82,6 +86,13 @@ class LedgerStore(Protocol):
         state_changes: dict[bytes, bytes | None],
         smt_writes: dict[bytes, bytes | None],
         checkpoint: str | None = None,
-    ) -> None: ...
+        meta: Mapping[str, bytes] | None = None,
+    ) -> None:
+        """Write one block and everything it changes, atomically and durably.
+
+        ``meta`` entries (as :meth:`set_meta`) are written in the same transaction,
+        e.g. the orderer's position for this block.
+        """
+        ...
 
     def close(self) -> None: ...

@@ -24,7 +24,9 @@ that do not exist (new record, request and consent ids, new transaction ids). So
 the store keeps a Bloom filter over the state keys and one over the transaction ids
 (12 bits a key, about 0.3 % false positives, built on first use, grown by rebuilding
 when full): ``get`` and ``has_tx`` answer "absent" without a query when the filter
-says so. This assumes the store is the only writer of its tables while it is open,
+says so. Building a block asks for all its transaction ids at once
+(``known_txs``, one query), which needs no filter; a filter is loaded only on
+first use. This assumes the store is the only writer of its tables while it is open,
 which holds for a node (one storage thread, and a second writer would break the
 chain anyway); pass ``presence_filters=False`` to query every time.
 
@@ -44,7 +46,7 @@ Like every store, this one is used from a single thread at a time.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -126,6 +128,9 @@ _DELETE = {
     "state": "DELETE FROM ledger_state WHERE k = ANY(%s::bytea[])",
     "smt": "DELETE FROM ledger_smt WHERE k = ANY(%s::bytea[])",
 }
+_UPSERT_META = (
+    "INSERT INTO ledger_meta(k, v) VALUES (%s, %s) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
+)
 _UPSERT_CHECKPOINT = (
     "INSERT INTO ledger_checkpoints(height, note) VALUES (%s, %s) "
     "ON CONFLICT (height) DO UPDATE SET note = EXCLUDED.note"
@@ -372,11 +377,7 @@ class PostgresStore:
     def set_meta(self, key: str, value: bytes) -> None:
         self._call(
             "set_meta",
-            lambda c: c.execute(
-                "INSERT INTO ledger_meta(k, v) VALUES (%s, %s) "
-                "ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
-                (key, value),
-            ),
+            lambda c: c.execute(_UPSERT_META, (key, value)),
         )
 
     # -- state ------------------------------------------------------------------------------
@@ -412,6 +413,15 @@ class PostgresStore:
         return (
             self._one("has_tx", "SELECT 1 FROM ledger_txs WHERE tx_id = %s", (tx_id,)) is not None
         )
+
+    def known_txs(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        # One indexed query for the lot: cheaper than the Bloom filter's Python hashing
+        # per id (which a node that asks only this never loads nor maintains).
+        ids = list(dict.fromkeys(tx_ids))
+        if not ids:
+            return set()
+        rows = self._all("known_txs", "SELECT tx_id FROM ledger_txs WHERE tx_id = ANY(%s)", (ids,))
+        return {bytes(r[0]) for r in rows}
 
     @staticmethod
     def _tx(row: tuple[Any, ...]) -> TxRecord:
@@ -506,6 +516,7 @@ class PostgresStore:
         state_changes: dict[bytes, bytes | None],
         smt_writes: dict[bytes, bytes | None],
         checkpoint: str | None = None,
+        meta: Mapping[str, bytes] | None = None,
     ) -> None:
         tree = {_node_id(lv, ix): h for (lv, ix), h in tree_nodes}  # last write wins
         tx_rows = [(t.index, t.tx_id, t.height, t.raw, t.receipt) for t in txs]
@@ -535,6 +546,8 @@ class PostgresStore:
                 cur.execute(delete_sql, (keys,))
             if checkpoint is not None:
                 cur.execute(_UPSERT_CHECKPOINT, (block.height, checkpoint))
+            for k, v in (meta or {}).items():
+                cur.execute(_UPSERT_META, (k, v))
 
         for attempt in (0, 1):
             conn = self._conn()

@@ -12,7 +12,7 @@ at once.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS smt (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROW
 CREATE TABLE IF NOT EXISTS checkpoints (height INTEGER PRIMARY KEY, note TEXT NOT NULL);
 """
 
+_IN_CHUNK = 500  # parameters per "IN (...)" query (old SQLite builds allow 999)
 _LEVEL_SHIFT = 56  # tree node id = level << 56 | index (index < 2**56 leaves)
 
 
@@ -143,6 +144,17 @@ class SqliteStore:
         with _translate("has_tx"):
             row = self._db.execute("SELECT 1 FROM txs WHERE tx_id=?", (tx_id,)).fetchone()
         return row is not None
+
+    def known_txs(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        found: set[bytes] = set()
+        ids = list(dict.fromkeys(tx_ids))
+        with _translate("known_txs"):
+            for i in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[i : i + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT tx_id FROM txs WHERE tx_id IN ({marks})"
+                found.update(bytes(r[0]) for r in self._db.execute(sql, chunk))
+        return found
 
     @staticmethod
     def _tx(row: tuple[object, ...] | None) -> TxRecord | None:
@@ -266,6 +278,7 @@ class SqliteStore:
         state_changes: dict[bytes, bytes | None],
         smt_writes: dict[bytes, bytes | None],
         checkpoint: str | None = None,
+        meta: Mapping[str, bytes] | None = None,
     ) -> None:
         db = self._db
         try:
@@ -295,6 +308,8 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO checkpoints(height, note) VALUES(?, ?)",
                     (block.height, checkpoint),
                 )
+            if meta:
+                db.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", meta.items())
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(db)
