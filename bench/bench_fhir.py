@@ -5,12 +5,12 @@ SQLite ledger and record store in a temporary directory):
 
 a. **Synthea import**, resources created per second, with the real importer
    (``medledger import``'s engine: validation and indexing in worker processes,
-   deterministic ids, encryption, HPKE key wrapping, batched ``record.register``
-   commits, group-committed store writes), from the start of the run (reading
-   the files, starting the worker processes) to the last promoted record; and
-   the rate after the first quarter of the resources, once the worker and the
-   orderer's signature-checking processes are up. Data: the Synthea NDJSON
-   directory and transaction Bundles given with ``--data`` (default:
+   deterministic ids, encryption, HPKE key wrapping, ``record.register_batch``
+   commits, group-committed store writes), from the start of the run (forking
+   the worker processes as the command does, reading the files) to the last
+   promoted record (opening the node is not counted); and the rate after the
+   first quarter of the resources. Data: the Synthea NDJSON directory and
+   transaction Bundles given with ``--data`` (default:
    ``../shared/testdata/synthea-10``, 7,000 resources, when it exists, else the
    project's test subset ``tests/api/data``).
 b. **The ceiling**: ``fhir.resources`` (R4B) validation alone of the same
@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 if TYPE_CHECKING:
     from medledger.api.runtime import Runtime
+    from medledger.services.fhir import ImportWorkers
 
 # medledger, uvicorn and httpx are imported inside the functions: the orderer's
 # signature-checking worker process (multiprocessing "spawn") re-imports this
@@ -123,8 +124,42 @@ async def build(path: Path) -> None:
 # -- (a) import ---------------------------------------------------------------------------------
 
 
-async def import_rate(path: Path, data: Path, workers: int | None) -> dict[str, Any]:
-    """Import ``data`` for the hospital as ``medledger import`` does; the report + rates."""
+def import_rate(path: Path, data: Path, workers: int | None) -> dict[str, Any]:
+    """Import ``data`` for the hospital as ``medledger import`` does; the report + rates.
+
+    Like the command, the worker processes are forked first, while this process
+    runs a single thread (:func:`~medledger.services.fhir.fork_import_workers`;
+    else the importer starts them from the forkserver during the run); the time
+    the fork takes counts in the figures, opening the node does not.
+    """
+    import threading
+
+    from medledger.services.fhir import fork_import_workers
+
+    threads = threading.active_count()
+    start = time.monotonic()
+    pool = fork_import_workers(workers)
+    fork_s = time.monotonic() - start
+    try:
+        doc = asyncio.run(_import_rate(path, data, workers, pool))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    doc["worker_start"] = (
+        f"forked ahead in {fork_s * 1000:.0f} ms"
+        if pool is not None
+        else f"forkserver, during the run ({threads} threads were running)"
+    )
+    doc["seconds"] += fork_s
+    doc["resources_per_second"] = doc["created"] / doc["seconds"] if doc["seconds"] else 0.0
+    if doc["first_quarter_s"] is not None:
+        doc["first_quarter_s"] += fork_s
+    return doc
+
+
+async def _import_rate(
+    path: Path, data: Path, workers: int | None, pool: ImportWorkers | None
+) -> dict[str, Any]:
     from medledger.api.runtime import Runtime
     from medledger.api.settings import Settings
     from medledger.services.fhir import Importer
@@ -145,6 +180,7 @@ async def import_rate(path: Path, data: Path, workers: int | None) -> dict[str, 
             state_dir=path / "imports",
             concurrency=1024,
             workers=workers,
+            pool=pool,
             on_advance=advance,
         )
         started = time.monotonic()
@@ -334,19 +370,20 @@ def main() -> None:
         )
         node = tmp / "node"
         asyncio.run(build(node))
-        report = asyncio.run(import_rate(node, args.data, args.workers))
+        report = import_rate(node, args.data, args.workers)
         rate = report["resources_per_second"]
         print(
             f"(a) import: {report['created']:,} resources in {report['seconds']:.2f} s = "
             f"{rate:,.0f} resources/s (skipped types {report['skipped']}, "
-            f"failed {len(report['failed'])}; {report['workers']} worker process(es))  "
+            f"failed {len(report['failed'])}; {report['workers']} worker process(es), "
+            f"{report['worker_start']})  "
             f"[{load()}]"
         )
         steady = report.get("steady_rate")
         if steady:
             print(
-                f"    after the first quarter ({report['first_quarter_s']:.2f} s, worker and "
-                f"orderer processes starting): {steady:,.0f} resources/s"
+                f"    after the first quarter ({report['first_quarter_s']:.2f} s): "
+                f"{steady:,.0f} resources/s"
             )
         print(f"    ratio import / validation: {rate / ceiling:.3f}")
         times, _, oid = asyncio.run(service_reads(node, reads))

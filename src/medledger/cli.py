@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +26,9 @@ from medledger.ledger.checkpoint import checkpoint_of
 from medledger.ledger.tx import Transaction
 from medledger.ledger.verify import verify_ledger
 from medledger.merkle.verify import verify_consistency, verify_inclusion
+
+if TYPE_CHECKING:
+    from medledger.services.fhir import ImportReport, ImportWorkers
 
 __all__ = ["app", "main"]
 
@@ -520,11 +523,66 @@ def import_(
         str,
         typer.Option(help="Name of the source system (ids are derived from it and source ids)."),
     ] = "import",
-    concurrency: Annotated[int, typer.Option(min=1, max=4096)] = 512,
+    concurrency: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=4096,
+            help="Resources in flight at most (4 batches of up to 256 by default).",
+        ),
+    ] = 1024,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=256,
+            help="Worker processes validating and encrypting (default: one per CPU; "
+            "0: everything in this process).",
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     json_: JsonOpt = False,
 ) -> None:
     """Import FHIR Bulk Data NDJSON and Bundles (resumable; re-running changes nothing)."""
+    from medledger.services.fhir import fork_import_workers
+
+    if not path.exists():
+        raise CliError(f"{path} does not exist")
+    dd = _dd(data_dir)
+    # fork the workers now, while this process runs one thread and has the validation
+    # models loaded (the progress display and the node start threads)
+    pool = fork_import_workers(workers)
+    try:
+        report = _import_with_progress(dd, path, org, source, concurrency, workers, pool, json_)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    doc = report.to_json()
+    if json_:
+        emit_json(doc)
+    else:
+        skipped = ", ".join(f"{k} {v}" for k, v in doc["skipped"].items()) or "none"
+        out.print(
+            f"imported {doc['created']} resources ({doc['resources_per_second']}/s), "
+            f"{doc['existing']} already present, {doc['resumed']} resumed from the checkpoint; "
+            f"skipped types: {skipped}; failed: {len(doc['failed'])}"
+        )
+        for f in doc["failed"][:20]:
+            err.print(f"failed: {f['where']}: {f['error']}", markup=False)
+    if doc["failed"]:
+        raise typer.Exit(1)
+
+
+def _import_with_progress(
+    dd: DataDir,
+    path: Path,
+    org: str,
+    source: str,
+    concurrency: int,
+    workers: int | None,
+    pool: ImportWorkers | None,
+    json_: bool,
+) -> ImportReport:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -533,9 +591,6 @@ def import_(
         TimeRemainingColumn,
     )
 
-    if not path.exists():
-        raise CliError(f"{path} does not exist")
-    dd = _dd(data_dir)
     with Progress(
         TextColumn("importing"),
         BarColumn(),
@@ -553,27 +608,16 @@ def import_(
                 org,
                 source=source,
                 concurrency=concurrency,
+                workers=workers,
+                pool=pool,
                 on_total=lambda n: progress.update(task, total=n),
                 on_advance=lambda n: progress.advance(task, n),
             )
         )
-    doc = report.to_json()
-    if json_:
-        emit_json(doc)
-    else:
-        skipped = ", ".join(f"{k} {v}" for k, v in doc["skipped"].items()) or "none"
-        out.print(
-            f"imported {doc['created']} resources ({doc['resources_per_second']}/s), "
-            f"{doc['existing']} already present, {doc['resumed']} resumed from the checkpoint; "
-            f"skipped types: {skipped}; failed: {len(doc['failed'])}"
-        )
-        for f in doc["failed"][:20]:
-            err.print(f"failed: {f['where']}: {f['error']}", markup=False)
-    if doc["failed"]:
-        raise typer.Exit(1)
+    return report
 
 
-async def _import(dd: DataDir, path: Path, org: str, **options: Any) -> Any:
+async def _import(dd: DataDir, path: Path, org: str, **options: Any) -> ImportReport:
     from medledger.api.runtime import Runtime
     from medledger.api.settings import Settings
     from medledger.services.fhir import Importer

@@ -57,7 +57,7 @@ DRIVER = textwrap.dedent(
     async def patched_submit(self, key, items):
         global batches
         mine = 0
-        if items and items[0][0] == "record.register":
+        if items and items[0][0].startswith("record.register"):
             batches += 1
             mine = batches
         if mine == nth and point == "staged":
@@ -107,13 +107,20 @@ def served_ids(path: Path) -> int:
 
 
 def ledger_records(data_dir: Path) -> Counter[str]:
-    """record id -> record.register transactions naming it (read from the ledger file)."""
+    """record id -> registrations naming it (``record.register`` transactions and
+    ``record.register_batch`` entries, read from the ledger file)."""
     db = sqlite3.connect(f"file:{data_dir / 'ledger.db'}?mode=ro", uri=True)
     try:
         txs = [Transaction.from_bytes(r[0]) for r in db.execute("SELECT raw FROM txs")]
     finally:
         db.close()
-    return Counter(tx.payload["record"] for tx in txs if tx.type == "record.register")
+    out: Counter[str] = Counter()
+    for tx in txs:
+        if tx.type == "record.register":
+            out[tx.payload["record"]] += 1
+        elif tx.type == "record.register_batch":
+            out.update(e["record"] for e in tx.payload["records"])
+    return out
 
 
 def store_rows(data_dir: Path) -> tuple[Counter[str], int]:
@@ -121,7 +128,7 @@ def store_rows(data_dir: Path) -> tuple[Counter[str], int]:
     db = sqlite3.connect(f"file:{data_dir / 'records.db'}?mode=ro", uri=True)
     try:
         per = Counter(r[0] for r in db.execute("SELECT record FROM rec_versions"))
-        staged = int(db.execute("SELECT count(*) FROM rec_staged").fetchone()[0])
+        staged = int(db.execute("SELECT count(*) FROM rec_staging").fetchone()[0])
     finally:
         db.close()
     return per, staged
@@ -262,3 +269,34 @@ async def test_a_failing_entry_fails_alone_and_duplicates_are_written_once(
     assert set(on_ledger.values()) == {1} and len(on_ledger) == 3 + len(lines) - 2
     per, staged = store_rows(path)
     assert set(per) == set(on_ledger) and staged == 0
+
+
+FORK_CHECK = textwrap.dedent(
+    """
+    import os, threading
+    from medledger.services.fhir import _warm_worker, fork_import_workers
+
+    assert fork_import_workers(0) is None  # no workers wanted
+    workers = fork_import_workers(2)  # this process runs one thread: forked now
+    assert workers is not None and workers.count == 2
+    pids = {workers.pool.submit(_warm_worker).result() for _ in range(8)}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
+    workers.shutdown()
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert fork_import_workers(2) is None  # never fork beside another thread
+    finally:
+        stop.set()
+        other.join()
+    print("ok")
+    """
+)
+
+
+def test_workers_are_forked_only_from_a_single_threaded_process() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_CHECK], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +15,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from medledger.consortium.client import PeerClient, PeerRequestError, RecordRequest
+from medledger.consortium.client import (
+    PeerClient,
+    PeerRequestError,
+    RecordRequest,
+    RemoteCustodians,
+)
 from medledger.crypto import aead
 from medledger.crypto.kem import unwrap_key, wrap_key
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode
+from medledger.errors import IntegrityError, NotFoundError, OrdererError, Unauthorized
 from medledger.node import Node
 from medledger.services.access import AccessService
-from medledger.services.records import OrgCrypto, RecordService, derive_index_key
+from medledger.services.records import Caller, OrgCrypto, RecordService, derive_index_key
 from medledger.services.submitter import Submitter
 from medledger.store.records import (
     IndexEntry,
@@ -262,3 +270,136 @@ async def test_served_through_the_record_service(setup: Setup) -> None:
     assert aead.decrypt(key, remote.ciphertext, aad) == body
     # the custodian kept the grant for org-2 in its store
     assert await s.store.get_wrapped("cond-9", 1, "org:org-2") == remote.wrapped
+
+
+# -- the reading side: RecordService at org-2 reading records org-1's node holds ----------------
+
+
+def _reader(s: Setup) -> RecordService:
+    """org-2's record service (its own store, its own keys), custodians reached via the peer API."""
+    org = s.reader
+    crypto = OrgCrypto("org-2", org.node_key, org.enc, derive_index_key(org.enc))
+    access = AccessService(s.custodian.node, s.sub, {"org-2": org.node_key})
+    return RecordService(
+        s.custodian.node,
+        s.sub,
+        access,
+        s.store,  # holds only org-1's records; org-2 has none of its own here
+        {"org-2": crypto},
+        remote=RemoteCustodians(s.client),
+    )
+
+
+async def test_a_practitioner_reads_through_its_own_node_with_one_access_entry(
+    setup: Setup,
+) -> None:
+    s = setup
+    reader = _reader(s)
+    phys = Caller("practitioner", "phys-b", "org-2", client="cli-b")
+    got = await reader.fetch(phys, s.record)
+    assert got.resource == RESOURCE and got.custodian == "org-1" and got.version == 1
+    assert got.last_updated > 0  # the block time of the version on org-2's ledger copy
+    feed = await reader.access.audit_feed(s.patient)
+    assert [(e["org"], e["actor"], e["outcome"], e["on_behalf"]) for e in feed] == [
+        ("org-2", "phys-b", "permit", "cli-b")
+    ]
+    # history and a search page: one more entry each, none by the custodian
+    (v1,) = await reader.history(phys, s.record)
+    assert v1.resource == RESOURCE
+    held = await reader.remote_entries(phys, s.patient)
+    assert [(e.record, e.custodian) for e in held] == [(s.record, "org-1")]
+    assert await reader.remote_entries(phys, s.patient, ["Condition"]) == []
+    found, withheld = await reader.fetch_many(phys, s.patient, held)
+    assert [r.resource for r in found] == [RESOURCE] and withheld == []
+    feed = await reader.access.audit_feed(s.patient)
+    assert [e["org"] for e in feed] == ["org-2"] * 3
+
+
+async def test_denials_patients_and_tampering_on_the_reading_side(setup: Setup) -> None:
+    s = setup
+    reader = _reader(s)
+    # denied on org-2's ledger copy: logged once (by org-2), nothing asked of org-1
+    with pytest.raises(Unauthorized, match="access denied"):
+        await reader.fetch(Caller("practitioner", "phys-b", "org-2", "HRESCH"), s.record)
+    feed = await reader.access.audit_feed(s.patient)
+    assert [(e["org"], e["outcome"]) for e in feed] == [("org-2", "deny")]
+    # patients and system clients are not offered other nodes' records
+    patient = Caller("patient", s.patient, None)
+    with pytest.raises(NotFoundError, match="read it through org-1's FHIR API"):
+        await reader.fetch(patient, s.record)
+    assert await reader.remote_entries(patient, s.patient) == []
+    assert await reader.remote_entries(Caller("system", "cli", "org-2"), s.patient) == []
+    assert len(await reader.access.audit_feed(s.patient)) == 1  # nothing more logged
+    # a custodian that is not a known peer
+    lonely = RecordService(reader.node, reader.submitter, reader.access, reader.store, reader.orgs)
+    with pytest.raises(NotFoundError, match="no peer address"):
+        await lonely.fetch(Caller("practitioner", "phys-b", "org-2"), s.record)
+    # the custodian's copy altered: org-2 checks it against its own ledger's commitment
+    flip_ciphertext(s.store.path, s.record)  # type: ignore[attr-defined]
+    with pytest.raises(IntegrityError, match="does not match its commitment"):
+        await reader.fetch(Caller("practitioner", "phys-b", "org-2"), s.record)
+
+
+async def test_custodian_refusals_become_medledger_errors(setup: Setup) -> None:
+    s = setup
+    remote = RemoteCustodians(s.client)
+    assert remote.serves("org-1") and not remote.serves("org-3")
+    # an actor the custodian does not accept for org-2: 403 -> Unauthorized
+    with pytest.raises(Unauthorized, match="custodian org-1 refused"):
+        await remote.serve("org-1", s.record, 1, actor="admin-org-1")
+    with pytest.raises(NotFoundError):
+        await remote.serve("org-1", "obs-unknown", 1, actor="phys-b")
+    s.custodian.service.log_wait = 0.05
+    with pytest.raises(OrdererError, match="not yet applied"):
+        await remote.serve("org-1", s.record, 1, actor="phys-b", access_tx=bytes(32))
+    with pytest.raises(OrdererError, match="unavailable"):
+        await remote.serve("org-3", s.record, 1, actor="phys-b")
+
+
+def flip_ciphertext(db_path: Path | str, record: str) -> None:
+    """Flip one bit of every stored version of ``record`` in a SQLite record store."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db, db:
+        rows = db.execute(
+            "SELECT version, ciphertext FROM rec_versions WHERE record = ?", (record,)
+        ).fetchall()
+        for version, ciphertext in rows:
+            bad = bytes([ciphertext[0] ^ 1]) + bytes(ciphertext[1:])
+            db.execute(
+                "UPDATE rec_versions SET ciphertext = ? WHERE record = ? AND version = ?",
+                (bad, record, version),
+            )
+
+
+class _Refusing:
+    """A custodian node that refuses every read (its ledger copy lags, say)."""
+
+    def serves(self, custodian: str) -> bool:
+        return True
+
+    async def serve(self, *args: object, **kwargs: object) -> tuple[bytes, bytes, bytes | None]:
+        raise Unauthorized("the custodian org-1 refused: access denied")
+
+
+async def test_a_custodian_refusal_in_a_search_page_withholds_the_type(setup: Setup) -> None:
+    s = setup
+    reader = _reader(s)
+    reader.remote = _Refusing()
+    phys = Caller("practitioner", "phys-b", "org-2")
+    held = await reader.remote_entries(phys, s.patient)
+    found, withheld = await reader.fetch_many(phys, s.patient, held)
+    assert found == [] and withheld == ["Observation"]
+    with pytest.raises(Unauthorized, match="custodian org-1 refused"):
+        await reader.fetch(phys, s.record)
+
+
+def test_pages_list_this_nodes_rows_then_the_records_held_elsewhere() -> None:
+    from medledger.services.fhir import _after_local
+
+    def rows(*ids: str) -> list[IndexEntry]:
+        return [IndexEntry(i, "Observation", "p", "org-1", (), None, 0, 1, False) for i in ids]
+
+    held = rows("r1", "r2", "r3")
+    assert _after_local(rows("l1", "l2"), 2, held, 0, 3) == (rows("l1", "l2", "r1"), 5)
+    assert _after_local(rows("l3"), 3, held, 2, 2) == (rows("l3", "r1"), 6)
+    assert _after_local([], 3, held, 4, 2) == (rows("r2", "r3"), 6)
+    assert _after_local([], 0, held, 3, 2) == ([], 3)

@@ -65,13 +65,20 @@ def ledger_types(net: Net) -> Counter[str]:
 
 
 def registered(net: Net) -> Counter[str]:
-    """record id -> how many record.register transactions name it."""
+    """record id -> how many registrations name it (``record.register`` transactions and
+    ``record.register_batch`` entries)."""
     db = sqlite3.connect(f"file:{net.path / 'ledger.db'}?mode=ro", uri=True)
     try:
         txs = [Transaction.from_bytes(r[0]) for r in db.execute("SELECT raw FROM txs")]
     finally:
         db.close()
-    return Counter(tx.payload["record"] for tx in txs if tx.type == "record.register")
+    out: Counter[str] = Counter()
+    for tx in txs:
+        if tx.type == "record.register":
+            out[tx.payload["record"]] += 1
+        elif tx.type == "record.register_batch":
+            out.update(e["record"] for e in tx.payload["records"])
+    return out
 
 
 def entry(rid: str, patient: str, **kw: Any) -> RecordWrite:
@@ -103,6 +110,8 @@ async def test_write_many_stores_every_entry_in_few_blocks(net: Net) -> None:
     # one batch of transactions: a handful of blocks, not one per record
     assert net.node.head.height - height <= 6
     assert registered(net) == Counter({w.record_id: 1 for w in writes})
+    # ... and one record.register_batch transaction (one signature) for all of them
+    assert len({r.tx_id for r in results if isinstance(r, StoredRecord)}) == 1
     assert await net.store.staged() == []
     for w in writes[:3]:
         got = await net.svc.fetch(doc, w.record_id)
@@ -172,6 +181,25 @@ async def test_write_many_is_idempotent(net: Net) -> None:
     assert ledger_types(net) == before
     for w in writes:
         assert [v.version for v in await net.store.versions(w.record_id)] == [1]
+
+
+async def test_write_many_without_decoding_and_beyond_one_ledger_batch(net: Net) -> None:
+    """More entries than one ``record.register_batch`` holds: several batches, every entry
+    stored; ``decoded=False`` leaves the results without the resource, nothing else."""
+    from medledger.contracts.records_v1 import MAX_BATCH
+
+    pat = await net.patient("h1")
+    doc = await net.practitioner("h1", "doc-1")
+    writes = [entry(f"obs-{i}", pat.id, expected_version=0) for i in range(MAX_BATCH + 3)]
+    before = ledger_types(net)
+    results = await net.svc.write_many("h1", writes, decoded=False)
+    assert all(isinstance(r, StoredRecord) and r.resource is None for r in results)
+    after = ledger_types(net)
+    assert after["record.register_batch"] - before["record.register_batch"] == 2
+    assert after["record.register"] == before["record.register"]
+    assert registered(net) == Counter({w.record_id: 1 for w in writes})
+    got = await net.svc.fetch(doc, writes[-1].record_id)
+    assert got.resource == json.loads(writes[-1].plaintext)
 
 
 class FailingPromotion:

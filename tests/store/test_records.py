@@ -311,3 +311,45 @@ async def test_sqlite_file_keeps_no_shredded_bytes(tmp_path: Path) -> None:
         assert keys[0].wrapped not in data and grant.wrapped not in data
     finally:
         await store.close()
+
+
+async def test_sqlite_moves_staged_versions_of_an_older_file(tmp_path: Path) -> None:
+    """Stores written before staged rows moved to ``rec_staging`` keep their staged versions."""
+    import sqlite3
+
+    from medledger.store.records import _encode_staged
+
+    path = tmp_path / "records.db"
+    store = await open_record_store(f"sqlite:///{path}")
+    await store.close()
+    v = version("obs-1")
+    keys = [key_of(v)]
+    idx = index_of(v, (tok("a"),), T0)
+    db = sqlite3.connect(path, isolation_level=None)
+    try:  # the table as older versions created it, with one staged version
+        db.execute("DROP TABLE rec_staging")
+        db.execute(
+            "CREATE TABLE rec_staged (record TEXT NOT NULL, version INTEGER NOT NULL, "
+            "salt BLOB NOT NULL, patient TEXT NOT NULL, staged_at INTEGER NOT NULL, "
+            "item BLOB NOT NULL, PRIMARY KEY (record, version, salt)) WITHOUT ROWID"
+        )
+        db.execute(
+            "INSERT INTO rec_staged VALUES (?, ?, ?, ?, ?, ?)",
+            (v.record, v.version, v.salt, v.patient, T0, _encode_staged(v, keys, idx)),
+        )
+    finally:
+        db.close()
+    store = await open_record_store(f"sqlite:///{path}")
+    try:
+        [staged] = await store.staged()
+        assert (staged.version, list(staged.keys), staged.staged_at) == (v, keys, T0)
+        await store.put_version(staged.version, staged.keys, staged.index)
+        assert await store.staged() == [] and await store.get_version("obs-1") == v
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        db.close()
+    assert "rec_staged" not in names and "rec_staging" in names

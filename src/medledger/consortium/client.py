@@ -21,7 +21,14 @@ import httpx
 from medledger.consortium.auth import sign_request
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode, encode
-from medledger.errors import EncodingError, MedledgerError
+from medledger.errors import (
+    Conflict,
+    EncodingError,
+    MedledgerError,
+    NotFoundError,
+    OrdererError,
+    Unauthorized,
+)
 
 __all__ = [
     "CBOR",
@@ -410,6 +417,13 @@ class RemoteCustodians:
     returns locally, for ``RecordService.open`` to verify against this node's
     ledger and decrypt. ``access_tx`` is this node's committed ``access.log`` of
     the read (the custodian then checks it instead of logging a second entry).
+
+    Peer failures come out as :mod:`medledger.errors` the API already maps: a
+    refusal (403) as :class:`~medledger.errors.Unauthorized`, 404 as
+    :class:`~medledger.errors.NotFoundError`, 410 as a "gone" one (``details``
+    ``gone=True``), an access entry the custodian has not applied yet and an
+    unreachable or failing node as :class:`~medledger.errors.OrdererError`
+    (503, try again).
     """
 
     def __init__(self, client: PeerClient) -> None:
@@ -430,16 +444,45 @@ class RemoteCustodians:
         on_behalf: str | None = None,
         access_tx: bytes | None = None,
     ) -> tuple[bytes, bytes, bytes | None]:
-        remote = await self.client.fetch_record(
-            custodian,
-            RecordRequest(
-                record=record,
-                actor=actor,
-                purpose=purpose,
-                version=version,
-                break_glass=break_glass,
-                on_behalf=on_behalf,
-                access_tx=access_tx,
-            ),
-        )
+        try:
+            remote = await self.client.fetch_record(
+                custodian,
+                RecordRequest(
+                    record=record,
+                    actor=actor,
+                    purpose=purpose,
+                    version=version,
+                    break_glass=break_glass,
+                    on_behalf=on_behalf,
+                    access_tx=access_tx,
+                ),
+            )
+        except PeerRequestError as exc:
+            raise _read_error(exc, custodian, record) from exc
+        except PeerUnavailable as exc:
+            raise OrdererError(
+                f"the node of {custodian}, which holds record {record}, is unavailable: {exc}"
+            ) from exc
         return remote.ciphertext, remote.salt, (remote.wrapped or None)
+
+
+def _read_error(exc: PeerRequestError, custodian: str, record: str) -> MedledgerError:
+    """A custodian's refusal of a record read, as the error the FHIR API maps."""
+    if exc.status == 403:
+        return Unauthorized(f"the custodian {custodian} refused: {exc}", rule="custodian")
+    if exc.status == 410:
+        return NotFoundError(
+            f"record {record} was erased (crypto-shredded) by its custodian {custodian}",
+            gone=True,
+            record=record,
+        )
+    if exc.status == 404:
+        return NotFoundError(f"the custodian {custodian} does not serve record {record}: {exc}")
+    if exc.status == 409 and exc.error == "unknown-access-entry":
+        return OrdererError(
+            f"the node of {custodian} has not yet applied this read's access entry; "
+            f"try again: {exc}"
+        )
+    if exc.status == 409:
+        return Conflict(f"record {record}: {exc}")
+    return MedledgerError(f"the node of {custodian} refused to serve record {record}: {exc}")

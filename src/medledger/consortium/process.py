@@ -221,12 +221,10 @@ class NodeProcess:
             access = AccessService(node, sub, dict(node.signers))
             orgs = {cfg.org: OrgCrypto.from_identity(cfg.org, self.identity)}
             store = self.records_store = await open_record_store(cfg.records)
-            try:
-                records = RecordService(  # type: ignore[call-arg]
-                    node, sub, access, store, orgs, remote=RemoteCustodians(self.client)
-                )
-            except TypeError:  # a RecordService without cross-node reads (CHANGES.md)
-                records = RecordService(node, sub, access, store, orgs)
+            # records other organisations hold are read from their nodes (peer API)
+            records = RecordService(
+                node, sub, access, store, orgs, remote=RemoteCustodians(self.client)
+            )
             fhir = FhirService(
                 node=node,
                 submitter=sub,

@@ -25,6 +25,18 @@ Transactions
   codes (e.g. duplicate tests) happens on the custodian side.
 * Every registration evaluates the sharing rules (:func:`rules_v1.apply_rules`).
 
+``record.register_batch`` (same signers; the custodian is the signer's org)::
+
+    {"records": [record.register payload, ...]}     1 to MAX_BATCH entries
+
+Registers many versions with one signature and one log leaf (bulk import).
+Each entry is checked and applied exactly as a ``record.register`` with that
+payload, in order, each seeing the writes of the entries before it (same
+state keys, same rules evaluation, same events, concatenated in entry order).
+All or nothing: the first refused entry refuses the whole transaction (same
+error class, its position in the message and ``details["entry"]``) and
+nothing is written.
+
 ``record.shred`` ``{"record"}`` (``node`` or ``admin`` of the custodian org): marks
 the record ``shredded`` (the off-ledger ciphertext and keys are destroyed by the
 custodian), keeps its commitments for audit, removes its grants.
@@ -42,6 +54,7 @@ State keys owned
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from medledger.contracts import rules_v1
@@ -56,11 +69,21 @@ from medledger.contracts._common import (
 )
 from medledger.contracts.base import Effects, Env, Handler, get_obj, require_obj, scan_objs
 from medledger.contracts.patients_v1 import k_patient
-from medledger.errors import Conflict, MalformedTransaction, NotFound, Unauthorized
+from medledger.errors import (
+    Conflict,
+    MalformedTransaction,
+    NotFound,
+    TransactionRejected,
+    Unauthorized,
+)
 from medledger.ledger.tx import Transaction
 from medledger.state.base import StateReader
+from medledger.state.overlay import Overlay
 
-__all__ = ["HANDLERS", "PUBLIC_CATEGORIES", "k_patrec", "k_record"]
+__all__ = ["HANDLERS", "MAX_BATCH", "PUBLIC_CATEGORIES", "k_patrec", "k_record"]
+
+#: entries of one ``record.register_batch`` at most
+MAX_BATCH = 256
 
 #: FHIR category codes that reveal nothing sensitive by themselves
 #: (observation-category and diagnostic-service-section basics).
@@ -83,8 +106,12 @@ def k_patrec(patient: str, rid: str = "") -> bytes:
 
 def record_register(state: StateReader, tx: Transaction, env: Env) -> Effects:
     require_kind(env.principal, {"node", "practitioner"}, "record.register")
+    return _register(state, tx.payload, env)
+
+
+def _register(state: StateReader, p: Mapping[str, Any], env: Env) -> Effects:
+    """Check and derive one registration (``p``: a ``record.register`` payload)."""
     custodian = str(env.principal["org"])
-    p = tx.payload
     if "code" in p:
         raise MalformedTransaction("plaintext codes are not accepted: send code_commitment")
     only_keys(
@@ -168,6 +195,73 @@ def record_register(state: StateReader, tx: Transaction, env: Env) -> Effects:
     return fx
 
 
+class _BatchState:
+    """What an entry of a batch reads: the state before the batch plus the earlier entries'
+    writes. Scans are remembered until a write lands under their prefix (every entry
+    scans the same rule indexes)."""
+
+    __slots__ = ("_overlay", "_scans")
+
+    def __init__(self, base: StateReader) -> None:
+        self._overlay = Overlay(base)
+        #: (prefix, start, limit) -> result, grouped by the prefix's first path segment
+        self._scans: dict[bytes, dict[tuple[bytes, bytes | None, int | None], list[Any]]] = {}
+
+    @staticmethod
+    def _group(key: bytes) -> bytes:
+        head, sep, _ = key.partition(b"/")
+        return head if sep else b""
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._overlay.get(key)
+
+    def scan(
+        self, prefix: bytes, *, start: bytes | None = None, limit: int | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        cached = self._scans.setdefault(self._group(prefix), {})
+        found = cached.get((prefix, start, limit))
+        if found is None:
+            found = cached[(prefix, start, limit)] = list(
+                self._overlay.scan(prefix, start=start, limit=limit)
+            )
+        return iter(found)
+
+    def apply(self, writes: Mapping[bytes, bytes | None]) -> None:
+        for key, value in writes.items():
+            if value is None:
+                self._overlay.delete(key)
+            else:
+                self._overlay.put(key, value)
+            # a scan whose prefix has no "/" may cover any key; others only their segment
+            for group in (self._group(key), b""):
+                cached = self._scans.get(group)
+                if cached:
+                    for k in [k for k in cached if key.startswith(k[0])]:
+                        del cached[k]
+
+
+def record_register_batch(state: StateReader, tx: Transaction, env: Env) -> Effects:
+    require_kind(env.principal, {"node", "practitioner"}, "record.register_batch")
+    only_keys(tx.payload, {"records"}, "record.register_batch")
+    entries = tx.payload.get("records")
+    if not isinstance(entries, list) or not 0 < len(entries) <= MAX_BATCH:
+        raise MalformedTransaction(f"records must be a list of 1 to {MAX_BATCH} registrations")
+    view = _BatchState(state)
+    fx = Effects()
+    for n, entry in enumerate(entries):
+        try:
+            if not isinstance(entry, dict):
+                raise MalformedTransaction("a registration must be a map")
+            one = _register(view, entry, env)
+        except TransactionRejected as exc:
+            rid = entry.get("record") if isinstance(entry, dict) else None
+            where = f"records[{n}]" + (f" ({rid})" if isinstance(rid, str) else "")
+            raise type(exc)(f"{where}: {exc.message}", **{**exc.details, "entry": n}) from None
+        view.apply(one.writes)
+        fx.merge(one)
+    return fx
+
+
 def record_shred(state: StateReader, tx: Transaction, env: Env) -> Effects:
     require_kind(env.principal, {"node", "admin"}, "record.shred")
     only_keys(tx.payload, {"record"}, "record.shred")
@@ -194,5 +288,6 @@ def get_record(state: StateReader, rid: str) -> dict[str, Any] | None:
 
 HANDLERS: dict[str, Handler] = {
     "record.register": record_register,
+    "record.register_batch": record_register_batch,
     "record.shred": record_shred,
 }

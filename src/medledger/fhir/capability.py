@@ -125,7 +125,13 @@ def capability_statement(
         "mode": "server",
         "documentation": (
             "medledger: FHIR R4 over a permissioned ledger. Records are encrypted per version; "
-            "every read, search and denial is decided by consent and logged on the ledger."
+            "every read, search and denial is decided by consent and logged on the ledger. "
+            "In a consortium (one node per organisation), practitioners' and apps' reads, "
+            "history, Patient/$everything and searches by patient alone (with _count, "
+            "_offset) include records other organisations' nodes hold; searches with "
+            "clinical filters (code, category, date, _lastUpdated, _id) and "
+            "Observation/$duplicate-check cover the records this node holds, and patients "
+            "read records at their custodian's node."
         ),
     }
     security: dict[str, Any] = {"cors": True}

@@ -60,6 +60,7 @@ import multiprocessing as mp
 import os
 import secrets
 import select
+import sys
 import threading
 import time
 import uuid
@@ -158,6 +159,33 @@ def parse_etag(value: str | None) -> int | None:
 def new_id(rtype: str, *_: Any) -> str:
     """A fresh logical id: ``pat-`` + 32 hex digits for a Patient, else a random UUID."""
     return "pat-" + secrets.token_hex(16) if rtype == "Patient" else str(uuid.uuid4())
+
+
+def _patient_only(query: Any) -> bool:
+    """Does a search filter by patient alone (besides type, ``_count`` and ``_offset``)?
+
+    Only such searches include records other members' nodes hold: their
+    clinical search tokens and dates live in the custodian's own index.
+    """
+    return not (
+        query.ids
+        or query.codes
+        or query.categories
+        or query.date_ge is not None
+        or query.date_lt is not None
+        or query.updated_ge is not None
+        or query.updated_lt is not None
+    )
+
+
+def _after_local(
+    page: list[IndexEntry], total: int, held: Sequence[IndexEntry], offset: int, count: int
+) -> tuple[list[IndexEntry], int]:
+    """A page of this node's index rows (``total`` of them) followed by ``held`` (rows of
+    records held elsewhere), paged as one list: local rows first, then the others."""
+    start = max(0, offset - total)
+    room = max(0, count - len(page))
+    return [*page, *held[start : start + room]], total + len(held)
 
 
 def _err(status: int, code: str, text: str, *expression: str) -> FhirError:
@@ -857,6 +885,10 @@ class FhirService:
         total = 0
         if not query.impossible:
             page, total = await self._index_search(rtype, patient, query)
+            if _patient_only(query):
+                # records of the patient other members' nodes hold (clinical filters: local only)
+                held = await self.records.remote_entries(auth.caller, patient, (rtype,))
+                page, total = _after_local(page, total, held, query.offset, query.count)
         records, withheld = await self._fetch_many(auth, patient, page, (rtype,))
         resources = [self._present(r) for r in records if r.resource is not None]
         if withheld:
@@ -982,6 +1014,9 @@ class FhirService:
             found, total = await self.store.search(
                 resource_type=None, patient=patient, offset=offset, limit=count
             )
+            # then the patient's records other members' nodes hold (from the ledger)
+            held = await self.records.remote_entries(auth.caller, patient, allowed)
+            found, total = _after_local(found, total, held, offset, count)
             entries = [e for e in found if e.resource_type in allowed]
         records, withheld = await self._fetch_many(auth, patient, entries, allowed or ["Patient"])
         resources = [self._present(r) for r in records if r.resource is not None]
@@ -1815,13 +1850,13 @@ def _exit_with(parent: int) -> None:
 
 
 def _warm_worker() -> int:
-    """Run in each new import worker: load the validation models before the first chunk."""
+    """Run in each new import worker (and before forking them): load what a chunk needs,
+    the validation models and the indexer, before the first chunk."""
+    from medledger.fhir.index import extract
     from medledger.fhir.validate import parse_resource
 
-    try:
-        parse_resource({"resourceType": "Patient", "id": "warm"}, "Patient")
-    except FhirError:
-        pass
+    with contextlib.suppress(FhirError):
+        extract(parse_resource({"resourceType": "Patient", "id": "warm"}, "Patient"))
     return os.getpid()
 
 
@@ -1846,6 +1881,49 @@ def default_import_workers() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+@dataclass(frozen=True, slots=True)
+class ImportWorkers:
+    """Import worker processes started ahead of an :class:`Importer` (its ``pool``)."""
+
+    pool: ProcessPoolExecutor
+    count: int
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def fork_import_workers(workers: int | None = None) -> ImportWorkers | None:
+    """Start import workers now by forking this process, if it runs a single thread.
+
+    A forked worker starts with the validation models this process has already
+    loaded (importing this module loads them), so it is ready at once, where a
+    worker of the forkserver (the :class:`Importer`'s own way) waits for a fresh
+    interpreter to load them again: seconds of CPU. Forking is safe only while
+    no other thread runs (a lock held by another thread at the fork would stay
+    held in the child for good), so this returns None when other threads run
+    (also off Linux, and when no workers are wanted); call it early, e.g.
+    before opening the node. Every worker is forked before this returns (the
+    pool's own threads start after them). The caller shuts the workers down
+    (:meth:`ImportWorkers.shutdown`) after the import.
+    """
+    count = default_import_workers() if workers is None else max(0, workers)
+    # Linux only: elsewhere (macOS) system libraries are not fork-safe even then
+    if count == 0 or threading.active_count() != 1 or not sys.platform.startswith("linux"):
+        return None
+    _warm_worker()  # here, once: every worker starts warm
+    pool = ProcessPoolExecutor(
+        max_workers=count,
+        mp_context=mp.get_context("fork"),
+        initializer=_init_worker,
+        initargs=(os.getpid(),),
+    )
+    # the first submit forks every worker (a "fork" pool starts them all at once, in this
+    # thread, before its management thread exists)
+    for _ in range(count):
+        pool.submit(_warm_worker)
+    return ImportWorkers(pool, count)
+
+
 @dataclass(slots=True)
 class _Chunk:
     """A run of one source's items, imported as one batch."""
@@ -1855,6 +1933,8 @@ class _Chunk:
     items: list[_Item]
     urns: Mapping[str, tuple[str, str]]
     patients_done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: its validation jobs are queued at the workers (the next chunk's queue behind them)
+    dispatched: asyncio.Event = field(default_factory=asyncio.Event)
     done: bool = False
 
 
@@ -1871,9 +1951,12 @@ class Importer:
       in worker processes (``workers``; 0: in this process), each chunk's new
       patients are registered in one batch of transactions, and its records are
       written with :meth:`RecordService.write_many` (one staging transaction,
-      one batch of ``record.register`` transactions, one promotion
-      transaction). A few chunks are in flight at once (``concurrency`` bounds
-      the resources in flight), so validating one overlaps committing another.
+      one ``record.register_batch`` transaction, one promotion transaction). A
+      few chunks are in flight at once (``concurrency`` bounds the resources in
+      flight), so validating one overlaps committing another, and the sources
+      are read one by one while the first chunks are already being imported.
+      Workers started ahead (``pool``, see :func:`fork_import_workers`) are
+      used as they are; else the importer starts its own from the forkserver.
       Every record is written as "must not exist yet": a record another chunk
       (or an earlier run) already wrote is counted as existing, never written twice.
     * **Resumable.** Progress is checkpointed per file (resources done, in
@@ -1901,6 +1984,7 @@ class Importer:
         source: str = "import",
         concurrency: int = 128,
         workers: int | None = None,
+        pool: ImportWorkers | None = None,
         on_total: Callable[[int], None] | None = None,
         on_advance: Callable[[int], None] | None = None,
     ) -> None:
@@ -1913,10 +1997,14 @@ class Importer:
         self.concurrency = max(1, concurrency)
         self.pipeline = min(self.PIPELINE, self.concurrency)
         self.chunk = max(1, min(self.CHUNK, self.concurrency // self.pipeline))
-        self.workers = default_import_workers() if workers is None else max(0, workers)
+        if pool is not None:
+            self.workers = pool.count
+        else:
+            self.workers = default_import_workers() if workers is None else max(0, workers)
         self.on_total = on_total
         self.on_advance = on_advance
         self._index_key = fhir.orgs[org].index_key
+        self._given = pool
         self._pool: ProcessPoolExecutor | None = None
         self._warm: asyncio.Future[Any] | None = None
 
@@ -2035,9 +2123,16 @@ class Importer:
     def _start_pool(self) -> None:
         """Start the worker processes in the background (the first chunks run here meanwhile).
 
-        ``forkserver``: workers fork from a clean server process that has loaded
-        the validation models once, never from this process and its threads.
+        The workers given as ``pool`` (see :func:`fork_import_workers`) are used
+        as they are. Else ``forkserver``: workers fork from a clean server process
+        that has loaded the validation models once, never from this process and
+        its threads.
         """
+        if self._given is not None:
+            self._pool = self._given.pool
+            self._warm = asyncio.get_running_loop().create_future()
+            self._warm.set_result(None)
+            return
         if self.workers == 0:
             return
         ctx = mp.get_context("forkserver")
@@ -2072,15 +2167,22 @@ class Importer:
             with contextlib.suppress(BaseException):
                 await self._warm
             self._warm = None
-        if pool is not None:
+        if pool is not None and (self._given is None or pool is not self._given.pool):
             await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
 
     async def _prepare(
-        self, todo: Sequence[tuple[_Item, str]], urns: Mapping[str, tuple[str, str]]
+        self,
+        todo: Sequence[tuple[_Item, str]],
+        urns: Mapping[str, tuple[str, str]],
+        queued: asyncio.Event | None = None,
     ) -> list[_Ready | _Refused]:
+        """Validate and index ``todo`` (in the workers); ``queued`` is set once the jobs
+        are queued there (or running here)."""
         from concurrent.futures.process import BrokenProcessPool
 
         jobs = [(it.rtype, rid, it.resource or {}) for it, rid in todo]
+        if queued is not None:
+            queued.set()  # set early; the jobs are queued below before anything awaits
         if not jobs:
             return []
         pool = self._executor()
@@ -2160,7 +2262,7 @@ class Importer:
             written.append(item)
         try:
             results = await self.fhir.records.write_many(
-                self.org, writes, executor=self._executor()
+                self.org, writes, executor=self._executor(), decoded=False
             )
         except MedledgerError as exc:  # e.g. the ledger state could not be read: nothing written
             for item in written:
@@ -2180,8 +2282,14 @@ class Importer:
         urns: Mapping[str, tuple[str, str]],
         report: ImportReport,
         gate: Callable[[], Awaitable[None]] | None = None,
+        turn: tuple[Callable[[], Awaitable[None]], asyncio.Event] | None = None,
     ) -> None:
-        """Import ``items``: patients first, then (after ``gate``) the other resources."""
+        """Import ``items``: patients first, then (after ``gate``) the other resources.
+
+        ``turn``: what to wait for before queueing the validation jobs, and the
+        event to set once they are queued (chunks queue theirs in chunk order, so
+        the first chunk, whose patients every later chunk waits for, goes first).
+        """
         pending: list[tuple[_Item, str]] = []
         seen: set[str] = set()
         again: list[_Item] = []  # the same id twice in this batch: after the first
@@ -2205,7 +2313,9 @@ class Importer:
             pending, again, stored = [], [], {}
         todo = [(item, rid) for item, rid in pending if rid not in stored]
         report.existing += len(pending) - len(todo)
-        prepared = await self._prepare(todo, urns)
+        if turn is not None:
+            await turn[0]()
+        prepared = await self._prepare(todo, urns, None if turn is None else turn[1])
         ready: list[tuple[_Item, str, _Ready]] = []
         for (item, rid), got in zip(todo, prepared, strict=True):
             if len(got) == 3:
@@ -2220,18 +2330,21 @@ class Importer:
         if again:
             await self._import(again, urns, report)
 
-    async def _run_chunk(
-        self, chunk: _Chunk, before: asyncio.Event | None, report: ImportReport
-    ) -> None:
+    async def _run_chunk(self, chunk: _Chunk, prev: _Chunk | None, report: ImportReport) -> None:
         async def gate() -> None:  # the patients of every earlier batch are registered
-            if before is not None:
-                await before.wait()
+            if prev is not None:
+                await prev.patients_done.wait()
             chunk.patients_done.set()
+
+        async def turn() -> None:  # the validation jobs of the batch before are queued
+            if prev is not None:
+                await prev.dispatched.wait()
 
         report.seen += len(chunk.items)
         try:
-            await self._import(chunk.items, chunk.urns, report, gate)
+            await self._import(chunk.items, chunk.urns, report, gate, (turn, chunk.dispatched))
         finally:
+            chunk.dispatched.set()
             chunk.patients_done.set()
         if self.on_advance is not None:
             self.on_advance(len(chunk.items))
@@ -2257,81 +2370,89 @@ class Importer:
         return report
 
     async def _run(self, path: Path, report: ImportReport) -> None:
+        """Read the sources one by one and import their chunks as soon as they are read.
+
+        Reading (JSON decoding, in this thread) overlaps the workers validating
+        the first chunks instead of coming before them, and goes only as far
+        ahead as the chunks in flight need. Chunks are imported in the order of
+        the sources (patients first), ``pipeline`` at a time.
+        """
         sources = self._sources(path)
         report.sources = len(sources)
         ck_file = self._checkpoint_file(path)
         checkpoint = self._load_checkpoint(ck_file)
         # file names can be PHI (Synthea names bundles after the patient): keep only hashes
         checkpoint.update({"org": self.org, "source": self.source})
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            loaded = self._load(sources, checkpoint)
-        finally:
-            if enabled:
-                gc.enable()
-        gc.freeze()
-        if self.on_total is not None:
-            self.on_total(sum(len(items) for _, items, _, _ in loaded))
-        await self._run_chunks(loaded, checkpoint, ck_file, report)
-
-    def _load(
-        self, sources: list[_Source], checkpoint: dict[str, Any]
-    ) -> list[tuple[_Source, list[_Item], dict[str, tuple[str, str]], int]]:
-        """Read every source; with where the checkpoint says to resume each."""
-        loaded: list[tuple[_Source, list[_Item], dict[str, tuple[str, str]], int]] = []
-        for src in sources:
-            urns: dict[str, tuple[str, str]] = {}
-            if src.kind == "ndjson":
-                items = self._ndjson_items(src)
-            else:
-                items, urns = self._bundle_items(src)
-            # patients first inside a Bundle too; the order is fixed, so the checkpoint holds
-            items.sort(key=lambda it: it.rtype != "Patient")
-            stat = src.path.stat()
-            mark = checkpoint["sources"].get(_key_hash(src.key)) or {}
-            same = mark.get("size") == stat.st_size and mark.get("mtime_ns") == stat.st_mtime_ns
-            done = int(mark.get("done", 0)) if same else 0
-            loaded.append((src, items, urns, min(done, len(items))))
-        return loaded
-
-    async def _run_chunks(
-        self,
-        loaded: list[tuple[_Source, list[_Item], dict[str, tuple[str, str]], int]],
-        checkpoint: dict[str, Any],
-        ck_file: Path,
-        report: ImportReport,
-    ) -> None:
+        loaded: list[tuple[_Source, os.stat_result]] = []
         chunks: list[_Chunk] = []
-        for n, (_, items, urns, done) in enumerate(loaded):
-            report.resumed += done
-            if done and self.on_advance is not None:
-                self.on_advance(done)
-            for pos in range(done, len(items), self.chunk):
-                chunk_items = items[pos : pos + self.chunk]
-                chunks.append(_Chunk(n, pos + len(chunk_items), chunk_items, urns))
-        stats = [src.path.stat() for src, _, _, _ in loaded]
+        ready = asyncio.Condition()  # chunks were added, or reading ended
+        reading = True
+        total = 0
 
         def mark_done(n: int, done: int) -> None:
-            checkpoint["sources"][_key_hash(loaded[n][0].key)] = {
+            src, stat = loaded[n]
+            checkpoint["sources"][_key_hash(src.key)] = {
                 "done": done,
-                "size": stats[n].st_size,
-                "mtime_ns": stats[n].st_mtime_ns,
+                "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns,
             }
 
-        for n, (_, items, _, _) in enumerate(loaded):
-            if not items:
-                mark_done(n, 0)
         flushed = 0  # chunks[:flushed] are finished and in the checkpoint
         next_chunk = 0
 
+        def wanted() -> bool:  # read on while fewer chunks wait than run at once
+            return len(chunks) - next_chunk < self.pipeline
+
+        async def read() -> None:
+            nonlocal reading, total
+            # The resources read are a large, long-lived and acyclic object graph: no
+            # cyclic garbage collection while reading them (see run()).
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                for src in sources:
+                    # just in time: reading holds up the event loop (and so the commits)
+                    async with ready:
+                        await ready.wait_for(wanted)
+                    items, urns, done, stat = self._load(src, checkpoint)
+                    n = len(loaded)
+                    loaded.append((src, stat))
+                    total += len(items)
+                    report.resumed += done
+                    if done and self.on_advance is not None:
+                        self.on_advance(done)
+                    if not items:
+                        mark_done(n, 0)
+                    for pos in range(done, len(items), self.chunk):
+                        chunk_items = items[pos : pos + self.chunk]
+                        chunks.append(_Chunk(n, pos + len(chunk_items), chunk_items, urns))
+                    async with ready:
+                        ready.notify_all()
+            finally:
+                if enabled:
+                    gc.enable()
+                gc.freeze()
+                reading = False
+                async with ready:
+                    ready.notify_all()
+            if self.on_total is not None:
+                self.on_total(total)
+
         async def worker() -> None:
             nonlocal flushed, next_chunk
-            while next_chunk < len(chunks):
-                k = next_chunk
-                next_chunk += 1
-                before = chunks[k - 1].patients_done if k else None
-                await self._run_chunk(chunks[k], before, report)
+
+            def startable() -> bool:
+                return next_chunk < len(chunks) or not reading
+
+            while True:
+                async with ready:
+                    await ready.wait_for(startable)
+                    if next_chunk >= len(chunks):
+                        return
+                    k = next_chunk
+                    next_chunk += 1
+                    ready.notify_all()  # the reader may read ahead
+                await self._run_chunk(chunks[k], chunks[k - 1] if k else None, report)
                 chunks[k].done = True
                 advanced = False
                 while flushed < len(chunks) and chunks[flushed].done:
@@ -2342,6 +2463,24 @@ class Importer:
                     self._save_checkpoint(ck_file, checkpoint)
 
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(self.pipeline, len(chunks))):
+            group.create_task(read())
+            for _ in range(self.pipeline):
                 group.create_task(worker())
         self._save_checkpoint(ck_file, checkpoint)
+
+    def _load(
+        self, src: _Source, checkpoint: dict[str, Any]
+    ) -> tuple[list[_Item], dict[str, tuple[str, str]], int, os.stat_result]:
+        """Read one source; with where the checkpoint says to resume it, and its stat."""
+        urns: dict[str, tuple[str, str]] = {}
+        if src.kind == "ndjson":
+            items = self._ndjson_items(src)
+        else:
+            items, urns = self._bundle_items(src)
+        # patients first inside a Bundle too; the order is fixed, so the checkpoint holds
+        items.sort(key=lambda it: it.rtype != "Patient")
+        stat = src.path.stat()
+        mark = checkpoint["sources"].get(_key_hash(src.key)) or {}
+        same = mark.get("size") == stat.st_size and mark.get("mtime_ns") == stat.st_mtime_ns
+        done = int(mark.get("done", 0)) if same else 0
+        return items, urns, min(done, len(items)), stat

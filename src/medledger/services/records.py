@@ -29,14 +29,16 @@ Writing many versions at once (:meth:`RecordService.write_many`)
 ----------------------------------------------------------------
 The same steps for a batch (bulk import): every version is encrypted (in a
 process pool when one is given), all are staged in ONE store transaction,
-all ``record.register`` transactions are queued at once (the orderer packs
-them into few blocks), and the committed ones are promoted in ONE store
-transaction. The order of the single write is kept for every entry (staged
-before its transaction is submitted, acknowledged only once promoted), so the
-crash and recovery reasoning above holds for each of them. Entries are
-independent: one entry refused by the ledger (or failing its checks) is
-reported in its slot of the result and dropped from the store, and the
-others land.
+the registrations are committed as ``record.register_batch`` transactions of
+up to :data:`~medledger.contracts.records_v1.MAX_BATCH` entries each (one
+signature and one log leaf per batch, all or nothing on the ledger), and the
+committed ones are promoted in ONE store transaction. The order of the single
+write is kept for every entry (staged before its transaction is submitted,
+acknowledged only once promoted), so the crash and recovery reasoning above
+holds for each of them. Entries are independent: the entries of a refused
+batch are submitted again one by one, so one entry refused by the ledger (or
+failing its checks) is reported in its slot of the result and dropped from the
+store, and the others land.
 
 Reading (:meth:`RecordService.fetch`, :meth:`RecordService.fetch_many`)
 -------------------------------------------------------------------------
@@ -53,6 +55,15 @@ ledger copy**, unwraps with its own key and decrypts. A mismatch or a failed
 decryption raises :class:`~medledger.errors.IntegrityError`. In the embedded
 network every organisation lives in this process, but the two sides are still
 separate steps that exchange only ``(ciphertext, salt, wrapped key)``.
+
+In a consortium (one node per organisation) a record whose custodian this node
+does not serve is fetched from the custodian's node (``remote``, a
+:class:`RemoteRecords`) once this node's ``access.log`` is committed; the request
+names that entry, so the custodian, which decides again on its own ledger copy,
+checks it instead of logging a second one. The triple is then verified and
+opened here exactly as above. Only practitioners and apps read this way
+(:meth:`RecordService.remote_entries` lists such records for searches); a
+patient is sent to the custodian's node.
 
 Erasure
 -------
@@ -74,15 +85,21 @@ import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from medledger.contracts._common import policy
 from medledger.contracts.access import AccessRequest, Decision
 from medledger.contracts.access_v1 import MAX_RECORDS
-from medledger.contracts.base import get_obj
+from medledger.contracts.base import get_obj, scan_objs
 from medledger.contracts.core import k_org
 from medledger.contracts.patients_v1 import k_patient, patient_enc_key
-from medledger.contracts.records_v1 import PUBLIC_CATEGORIES, get_record, k_patrec, k_recver
+from medledger.contracts.records_v1 import (
+    MAX_BATCH,
+    PUBLIC_CATEGORIES,
+    get_record,
+    k_patrec,
+    k_recver,
+)
 from medledger.crypto import aead, kem
 from medledger.crypto.hashing import sha256
 from medledger.crypto.kem import EncryptionKey, EncryptionPublicKey
@@ -111,6 +128,7 @@ __all__ = [
     "OrgCrypto",
     "RecordService",
     "RecordWrite",
+    "RemoteRecords",
     "StoredRecord",
     "derive_index_key",
     "index_token",
@@ -318,6 +336,34 @@ def _resource(plaintext: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+class RemoteRecords(Protocol):
+    """The custodians whose records other nodes hold (the consortium's ``RemoteCustodians``).
+
+    :meth:`serve` returns the triple :meth:`RecordService.serve_ciphertext` returns
+    locally, fetched from the custodian's node, which checks ``access_tx`` (this
+    node's committed ``access.log`` of the read) instead of logging a second
+    entry. It raises :mod:`medledger.errors` only: :class:`Unauthorized` when the
+    custodian refuses, :class:`NotFoundError` (``gone`` for an erased record),
+    :class:`OrdererError` when the custodian's node is unavailable or has not yet
+    applied the access entry.
+    """
+
+    def serves(self, custodian: str) -> bool: ...
+
+    async def serve(
+        self,
+        custodian: str,
+        record: str,
+        version: int,
+        *,
+        actor: str,
+        purpose: str = "TREAT",
+        break_glass: bool = False,
+        on_behalf: str | None = None,
+        access_tx: bytes | None = None,
+    ) -> tuple[bytes, bytes, bytes | None]: ...
+
+
 class RecordService:
     """Encrypted record writes, audited reads, erasure; one per node."""
 
@@ -328,12 +374,15 @@ class RecordService:
         access: AccessService,
         store: RecordStore,
         orgs: Mapping[str, OrgCrypto],
+        *,
+        remote: RemoteRecords | None = None,
     ) -> None:
         self.node = node
         self.submitter = submitter
         self.access = access
         self.store = store
         self.orgs = dict(orgs)
+        self.remote = remote  # custodians served by other nodes (consortium)
         self._locks = _RecordLocks()
 
     # -- helpers ------------------------------------------------------------------------
@@ -443,6 +492,7 @@ class RecordService:
         *,
         author_key: SigningKey | None = None,
         executor: Executor | None = None,
+        decoded: bool = True,
     ) -> list[StoredRecord | MedledgerError]:
         """:meth:`write` for many records of ``org`` at once; one result per entry, in order.
 
@@ -451,9 +501,12 @@ class RecordService:
         raises: :class:`Conflict`, a ledger refusal, :class:`StorageError` ...).
         Entries are independent; a record id may appear once per call (later
         duplicates get :class:`Conflict`). Three store transactions and one
-        batch of ledger transactions serve the whole call. ``executor`` (e.g.
+        ``record.register_batch`` per :data:`~medledger.contracts.records_v1.MAX_BATCH`
+        entries serve the whole call. ``executor`` (e.g.
         a process pool) encrypts and wraps the keys off the event loop
-        (:func:`seal_versions`).
+        (:func:`seal_versions`). ``decoded=False`` skips decoding each plaintext
+        for the results (their ``resource`` is None): for a caller whose
+        plaintexts are serialised resources it validated itself (the importer).
         """
         crypto = self._org(org)
         results: list[StoredRecord | MedledgerError | None] = [None] * len(writes)
@@ -466,7 +519,7 @@ class RecordService:
                 continue
             seen.add(w.record_id)
             try:
-                resources[i] = self._parse(w)
+                resources[i] = self._parse(w) if decoded else None
             except MalformedTransaction as exc:
                 results[i] = exc
                 continue
@@ -543,8 +596,8 @@ class RecordService:
             for i in slots:
                 results[i] = exc
             return
-        outcomes = await self.submitter.submit_many(
-            author_key or crypto.signing, [("record.register", b.payload) for b in built]
+        outcomes = await self._register_many(
+            author_key or crypto.signing, [b.payload for b in built]
         )
         committed: list[tuple[int, _Built, Receipt]] = []
         refused: list[_Built] = []
@@ -573,6 +626,42 @@ class RecordService:
             return
         for (i, b, receipt), conflict in zip(committed, conflicts, strict=True):
             results[i] = conflict if conflict is not None else b.result(receipt.tx_id)
+
+    async def _register_many(
+        self, key: SigningKey, payloads: Sequence[dict[str, Any]]
+    ) -> list[Receipt | MedledgerError]:
+        """Commit ``record.register`` payloads; one outcome per payload, in order.
+
+        Up to :data:`~medledger.contracts.records_v1.MAX_BATCH` payloads go in
+        one ``record.register_batch`` transaction (one signature, one log leaf;
+        all or nothing), a lone payload as ``record.register``. The entries of a
+        refused batch are submitted again one by one, so each gets the outcome
+        of its own content, as if it had been submitted alone.
+        """
+        groups = [payloads[k : k + MAX_BATCH] for k in range(0, len(payloads), MAX_BATCH)]
+        items = [
+            ("record.register", g[0])
+            if len(g) == 1
+            else ("record.register_batch", {"records": list(g)})
+            for g in groups
+        ]
+        outcomes = await self.submitter.submit_many(key, items)
+        out: list[Receipt | MedledgerError] = []
+        again: list[tuple[int, Sequence[dict[str, Any]]]] = []
+        for g, outcome in zip(groups, outcomes, strict=True):
+            if len(g) > 1 and isinstance(outcome, TransactionRejected):
+                again.append((len(out), g))  # nothing of it was applied
+            out.extend([outcome] * len(g))
+        if again:
+            singles = iter(
+                await self.submitter.submit_many(
+                    key, [("record.register", p) for _, g in again for p in g]
+                )
+            )
+            for start, g in again:
+                for k in range(len(g)):
+                    out[start + k] = next(singles)
+        return out
 
     @staticmethod
     def _parse(w: RecordWrite) -> dict[str, Any] | None:
@@ -955,8 +1044,96 @@ class RecordService:
         """Whose key opens the data: the caller's org, or the serving custodian for patients."""
         return custodian if caller.kind == "patient" or caller.org is None else caller.org
 
-    async def _read(self, caller: Caller, rec: Mapping[str, Any], version: int) -> StoredRecord:
+    def _is_remote(self, caller: Caller, rec: Mapping[str, Any]) -> bool:
+        """Is the record held by another node? Raises when this node cannot read it from there.
+
+        Called once decided, before anything is logged. Patients read their records
+        at the custodian's node: the peer API serves organisations' practitioners
+        and apps (the custodian checks the actor acts for the calling node's
+        organisation), and a patient's read is logged by the custodian's node key.
+        """
         custodian = str(rec["custodian"])
+        if custodian in self.orgs:
+            return False
+        record = str(rec["id"])
+        if caller.kind == "patient":
+            raise NotFoundError(
+                f"record {record} is held by {custodian}, whose node serves it to its "
+                f"patients: read it through {custodian}'s FHIR API or patient portal",
+                held_by=custodian,
+                record=record,
+            )
+        if self.remote is None or not self.remote.serves(custodian):
+            raise NotFoundError(
+                f"record {record} is held by {custodian}, and this node has no peer "
+                f"address for {custodian}'s node",
+                held_by=custodian,
+                record=record,
+            )
+        return True
+
+    async def _committed_at(self, record: str, version: int) -> int:
+        """The time of the block that committed ``version`` (its lastUpdated on this node)."""
+        entry = await self.node.read(lambda st: get_obj(st, k_recver(record, version)))
+        if entry is None or not isinstance(entry.get("height"), int):
+            return 0
+        try:
+            header, _ = await self.node.get_block(int(entry["height"]))
+        except NotFoundError:
+            return 0
+        return int(header.time)
+
+    async def _read_remote(
+        self,
+        caller: Caller,
+        rec: Mapping[str, Any],
+        version: int,
+        access_tx: bytes,
+        commitment: bytes | None = None,
+    ) -> StoredRecord:
+        """Reader side of a record another node holds: fetch the triple from the custodian's
+        node (which checks ``access_tx``, this node's committed ``access.log``), then verify
+        it against THIS node's ledger commitment, unwrap with the caller's organisation's
+        key and decrypt."""
+        assert self.remote is not None and caller.org is not None
+        custodian, record, patient = str(rec["custodian"]), str(rec["id"]), str(rec["patient"])
+        served = await self.remote.serve(
+            custodian,
+            record,
+            version,
+            actor=caller.id,
+            purpose=caller.purpose,
+            break_glass=caller.break_glass,
+            on_behalf=caller.client,
+            access_tx=access_tx,
+        )
+        if commitment is None:
+            plaintext = await self.open(caller.org, record, version, patient, served)
+        else:
+            plaintext = self._verify_and_decrypt(
+                caller.org, record, version, patient, served, commitment
+            )
+        resource = None if plaintext is None else _resource(plaintext, f"record {record}")
+        return StoredRecord(
+            record,
+            str(rec["resource_type"]),
+            patient,
+            custodian,
+            version,
+            await self._committed_at(record, version),
+            resource,
+        )
+
+    async def _read(
+        self,
+        caller: Caller,
+        rec: Mapping[str, Any],
+        version: int,
+        access_tx: bytes | None = None,
+    ) -> StoredRecord:
+        custodian = str(rec["custodian"])
+        if custodian not in self.orgs and access_tx is not None:
+            return await self._read_remote(caller, rec, version, access_tx)
         reader = self._reader_org(caller, custodian)
         stored, wrapped = await self._serve(custodian, str(rec["id"]), version, reader)
         plaintext = await self.open(
@@ -1028,10 +1205,17 @@ class RecordService:
         ciphertext is already read, checked and decrypted (read-only work, in
         memory only); nothing is returned, and nothing is written (a key grant
         for another organisation), before that transaction is committed.
+
+        A record another node holds (its custodian is not served here) is
+        fetched from that node once the ``access.log`` is committed, naming it
+        (the custodian checks that entry and logs none of its own), and verified
+        against this node's ledger (see :meth:`_read_remote`); a patient is sent
+        to the custodian's node (:class:`NotFoundError`, nothing logged).
         """
         rec, req, decision, commitment = await self._decide_record(caller, record_id, version)
         if version is not None and not 1 <= version <= int(rec["version"]):
             raise NotFoundError(f"record {record_id} has no version {version}")
+        remote = self._is_remote(caller, rec)
         logged = asyncio.ensure_future(
             self.access.log(req, decision, on_behalf=caller.client, records=[record_id])
         )
@@ -1039,6 +1223,9 @@ class RecordService:
             await logged
             self._raise_denied(decision, record_id)
         wanted = version or int(rec["version"])
+        if remote:
+            receipt = await logged
+            return await self._read_remote(caller, rec, wanted, receipt.tx_id, commitment)
         try:
             early = await self._read_prepared(caller, rec, wanted, commitment)
         except BaseException:
@@ -1088,10 +1275,14 @@ class RecordService:
     async def history(self, caller: Caller, record_id: str) -> list[StoredRecord]:
         """Every version of a record, oldest first, under one logged access decision."""
         rec, req, decision, _ = await self._decide_record(caller, record_id)
-        await self.access.log(req, decision, on_behalf=caller.client, records=[record_id])
+        remote = self._is_remote(caller, rec)
+        receipt = await self.access.log(req, decision, on_behalf=caller.client, records=[record_id])
         if not decision.permit:
             self._raise_denied(decision, record_id)
-        return [await self._read(caller, rec, v) for v in range(1, int(rec["version"]) + 1)]
+        access_tx = receipt.tx_id if remote else None
+        return [
+            await self._read(caller, rec, v, access_tx) for v in range(1, int(rec["version"]) + 1)
+        ]
 
     async def fetch_many(
         self,
@@ -1115,7 +1306,12 @@ class RecordService:
         can be read as one batch too.
         """
         kind = self._kind(caller)
-        entries = [e for e in entries if e.patient == patient]
+        entries = [
+            e
+            for e in entries
+            if e.patient == patient
+            and (e.custodian in self.orgs or self._reads_remote(caller, e.custodian))
+        ]
         if len(entries) > MAX_RECORDS:
             raise MalformedTransaction(f"read at most {MAX_RECORDS} records at once")
         types = tuple(dict.fromkeys([*(e.resource_type for e in entries), *resource_types]))
@@ -1139,7 +1335,8 @@ class RecordService:
                 return None
             recs = {e.record: get_record(st, e.record) for e in entries}
             custodians = [r["custodian"] for r in recs.values() if r is not None]
-            serving = custodians[0] if custodians else str(pat["orgs"][0])
+            local = [o for o in [*custodians, *pat["orgs"]] if o in self.orgs]
+            serving = str(local[0]) if local else str(pat["orgs"][0])
             base = self._request(caller, patient, types, now, serving=serving)
             per = [
                 decide_for(
@@ -1186,22 +1383,88 @@ class RecordService:
         except BaseException:
             await log
             raise
-        await log
+        receipt = await log
+        refused: list[str] = []  # types a custodian's node refused although we permitted
 
-        async def one(e: IndexEntry, version: int, got: StoredRecord | None) -> StoredRecord | None:
+        async def one(
+            e: IndexEntry, version: int, commitment: bytes | None, got: StoredRecord | None
+        ) -> StoredRecord | None:
             if got is not None:
                 return got
+            rec = ledger_entry(e)
             try:
-                return await self._read(caller, ledger_entry(e), version)
+                if rec["custodian"] in self.orgs:
+                    return await self._read(caller, rec, version)
+                return await self._read_remote(caller, rec, version, receipt.tx_id, commitment)
             except NotFoundError as exc:
                 if is_gone(exc):
                     return None
                 raise
+            except Unauthorized:
+                refused.append(e.resource_type)
+                return None
 
         results = await asyncio.gather(
-            *(one(e, v, got) for (e, (v, _)), got in zip(allowed, early, strict=True))
+            *(one(e, v, c, got) for (e, (v, c)), got in zip(allowed, early, strict=True))
         )
-        return [r for r in results if r is not None], withheld
+        released = [r for r in results if r is not None]
+        shown = {r.resource_type for r in released}
+        withheld.extend(t for t in dict.fromkeys(refused) if t not in shown and t not in withheld)
+        return released, withheld
+
+    def _reads_remote(self, caller: Caller, custodian: str) -> bool:
+        """Can ``caller`` read, through this node, records ``custodian``'s node holds?"""
+        return (
+            caller.kind in ("practitioner", "app")
+            and self.remote is not None
+            and self.remote.serves(custodian)
+        )
+
+    async def remote_entries(
+        self, caller: Caller, patient: str, resource_types: Iterable[str] | None = None
+    ) -> list[IndexEntry]:
+        """The patient's active records held by other nodes that ``caller`` may ask for.
+
+        Taken from the ledger (``patrec`` rows), newest first (by the height of
+        the latest version), as index entries without search tokens, for a
+        search or ``$everything`` to read with :meth:`fetch_many`. Empty for
+        patients and system clients (they read at the custodian's node) and on
+        a node without ``remote``.
+        """
+        if caller.kind not in ("practitioner", "app") or self.remote is None:
+            return []
+        types = None if resource_types is None else set(resource_types)
+
+        def look(st: StateReader) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            for key, row in scan_objs(st, k_patrec(patient)):
+                rid = key.decode().rsplit("/", 1)[1]
+                if not isinstance(row, dict) or row.get("custodian") in self.orgs:
+                    continue
+                if types is not None and row.get("resource_type") not in types:
+                    continue
+                rec = get_record(st, rid)
+                if rec is not None and rec["status"] == "active" and rec["patient"] == patient:
+                    out.append(rec)
+            return out
+
+        recs = await self.node.read(look)
+        recs = [r for r in recs if self.remote.serves(str(r["custodian"]))]
+        recs.sort(key=lambda r: (-int(r.get("height") or 0), str(r["id"])))
+        return [
+            IndexEntry(
+                str(r["id"]),
+                str(r["resource_type"]),
+                patient,
+                str(r["custodian"]),
+                (),
+                r.get("effective") if isinstance(r.get("effective"), int) else None,
+                0,
+                int(r["version"]),
+                False,
+            )
+            for r in recs
+        ]
 
     # -- erasure ------------------------------------------------------------------------
     async def shred_patient(self, org: str, patient: str) -> int:

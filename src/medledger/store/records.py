@@ -433,12 +433,19 @@ CREATE INDEX IF NOT EXISTS rec_index_patient ON rec_index (patient, resource_typ
 CREATE TABLE IF NOT EXISTS rec_tokens (
     token BLOB NOT NULL, record TEXT NOT NULL, PRIMARY KEY (token, record)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS rec_tokens_record ON rec_tokens (record);
-CREATE TABLE IF NOT EXISTS rec_staged (
+CREATE TABLE IF NOT EXISTS rec_staging (
     record TEXT NOT NULL, version INTEGER NOT NULL, salt BLOB NOT NULL, patient TEXT NOT NULL,
-    staged_at INTEGER NOT NULL, item BLOB NOT NULL,
-    PRIMARY KEY (record, version, salt)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS rec_staged_patient ON rec_staged (patient);
+    staged_at INTEGER NOT NULL, item BLOB NOT NULL, UNIQUE (record, version, salt));
+CREATE INDEX IF NOT EXISTS rec_staging_patient ON rec_staging (patient);
 """
+#: Staged versions lived in ``rec_staged`` (WITHOUT ROWID) until staged rows, a few kB
+#: each, moved to the rowid table ``rec_staging`` (about half the cost per row written):
+#: moved over when a store opens.
+_SQLITE_MIGRATE_STAGED = (
+    "INSERT OR REPLACE INTO rec_staging (record, version, salt, patient, staged_at, item) "
+    "SELECT record, version, salt, patient, staged_at, item FROM rec_staged",
+    "DROP TABLE rec_staged",
+)
 
 
 @contextmanager
@@ -509,7 +516,7 @@ def _sqlite_put(
             "INSERT OR IGNORE INTO rec_tokens (token, record) VALUES (?, ?)",
             [(bytes(t), index.record) for t in set(index.tokens)],
         )
-    db.execute("DELETE FROM rec_staged WHERE record = ? AND version = ?", (v.record, v.version))
+    db.execute("DELETE FROM rec_staging WHERE record = ? AND version = ?", (v.record, v.version))
 
 
 def _insert_rows(
@@ -635,7 +642,7 @@ def _sqlite_put_many(
     done = [(v.record, v.version) for v, _, _ in ok]
     for pairs in _chunks(done, _SQLITE_MAX_VARIABLES // 2):
         db.execute(
-            "DELETE FROM rec_staged WHERE (record, version) IN "
+            "DELETE FROM rec_staging WHERE (record, version) IN "
             f"(VALUES {', '.join(['(?, ?)'] * len(pairs))})",
             [x for pair in pairs for x in pair],
         )
@@ -711,6 +718,13 @@ class SqliteRecordStore:
                     db.execute("PRAGMA secure_delete=ON")
                     db.execute("PRAGMA busy_timeout=10000")
                     db.executescript(_SQLITE_SCHEMA)
+                    if db.execute(
+                        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'rec_staged'"
+                    ).fetchone():
+                        db.execute("BEGIN IMMEDIATE")
+                        for sql in _SQLITE_MIGRATE_STAGED:
+                            db.execute(sql)
+                        db.execute("COMMIT")
                 except BaseException:
                     db.close()
                     raise
@@ -891,7 +905,7 @@ class SqliteRecordStore:
         def put(db: sqlite3.Connection) -> None:
             _insert_rows(
                 db,
-                "INSERT OR REPLACE INTO rec_staged (record, version, salt, patient, staged_at, "
+                "INSERT OR REPLACE INTO rec_staging (record, version, salt, patient, staged_at, "
                 "item)",
                 rows,
             )
@@ -902,10 +916,10 @@ class SqliteRecordStore:
         def get(db: sqlite3.Connection) -> list[tuple[Any, ...]]:
             if record is None:
                 return db.execute(
-                    "SELECT item, staged_at FROM rec_staged ORDER BY staged_at, record, version"
+                    "SELECT item, staged_at FROM rec_staging ORDER BY staged_at, record, version"
                 ).fetchall()
             return db.execute(
-                "SELECT item, staged_at FROM rec_staged WHERE record = ? "
+                "SELECT item, staged_at FROM rec_staging WHERE record = ? "
                 "ORDER BY staged_at, version",
                 (record,),
             ).fetchall()
@@ -923,7 +937,7 @@ class SqliteRecordStore:
 
         def delete(db: sqlite3.Connection) -> None:
             db.executemany(
-                "DELETE FROM rec_staged WHERE record = ? AND version = ? AND salt = ?", rows
+                "DELETE FROM rec_staging WHERE record = ? AND version = ? AND salt = ?", rows
             )
 
         await self._tx("unstage", delete)
@@ -973,7 +987,7 @@ class SqliteRecordStore:
                 (patient,),
             )
             db.execute("DELETE FROM rec_index WHERE patient = ?", (patient,))
-            db.execute("DELETE FROM rec_staged WHERE patient = ?", (patient,))
+            db.execute("DELETE FROM rec_staging WHERE patient = ?", (patient,))
             return len(affected)
 
         count = await self._tx("shred_patient", shred)

@@ -1,0 +1,239 @@
+"""Cross-organisation FHIR reads between real node processes (etcd ordering, SQLite).
+
+Two organisations, each a ``medledger node start`` process with its FHIR API, and
+a two-member etcd cluster, all on loopback (built with
+:mod:`medledger.consortium.network`, as ``medledger network up --sqlite`` does).
+org-1 holds a patient's Observation; a physician of org-2 reads it through
+org-2's FHIR API with a real SMART token. org-2's node decides on its ledger
+copy, logs the read once and fetches the ciphertext from org-1's node, which
+checks that entry instead of logging its own; org-2 verifies the ciphertext
+against its own ledger commitment before decrypting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import secrets
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from api.conftest import SmartClient, lab_observation, new_key, synthea_patient
+from medledger.api.settings import Settings
+from medledger.api.smart import SmartAuthority
+from medledger.consortium import network as net
+from medledger.crypto.keystore import Keystore
+from medledger.crypto.signing import SigningKey
+from medledger.encoding import decode, encode
+from medledger.ledger.tx import make_tx
+from medledger.store import open_store
+
+from .test_records import flip_ciphertext
+
+pytestmark = pytest.mark.timeout(240)
+
+NETWORK = "medledger-xread"
+FHIR_JSON = "application/fhir+json"
+
+
+@dataclass
+class XNet:
+    layout: dict[str, Any]
+    clients: dict[str, SmartClient]  # "system:org-1", "practitioner:phys-b"
+
+    def node(self, org: str) -> dict[str, Any]:
+        return next(n for n in self.layout["nodes"] if n["org"] == org)
+
+
+async def _register_clients(layout: dict[str, Any]) -> dict[str, SmartClient]:
+    """SMART clients in each node's client store, before the nodes start."""
+    wanted = [("system:org-1", "org-1", None), ("practitioner:phys-b", "org-2", "phys-b")]
+    out: dict[str, SmartClient] = {}
+    for who, org, practitioner in wanted:
+        node = next(n for n in layout["nodes"] if n["org"] == org)
+        settings = Settings(data_dir=Path(node["data_dir"]), base_url=node["api"])
+        smart = await SmartAuthority.open(settings.smart_store, token_url=settings.token_url)
+        try:
+            key, jwk = new_key()
+            scope = "user/*.cruds" if practitioner else "system/*.cruds"
+            client = await smart.register_client(
+                org=org, practitioner=practitioner, jwks={"keys": [jwk]}, scope=scope
+            )
+        finally:
+            await smart.close()
+        out[who] = SmartClient(client.client_id, key, jwk["kid"], settings.token_url, scope)
+    return out
+
+
+@pytest.fixture(scope="module")
+def xnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XNet]:
+    d = tmp_path_factory.mktemp("xread") / "net"
+    layout = net.create_network(
+        d,
+        orgs=2,
+        sqlite=True,
+        network=NETWORK,
+        gossip_interval=0.5,
+        policy={"consent_default": "opt-in"},
+    )
+    try:
+        clients = asyncio.run(_register_clients(layout))
+        net.start_network(d, timeout=120)
+        yield XNet(layout, clients)
+    finally:
+        with contextlib.suppress(Exception):
+            net.stop_network(d, purge=True)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def token(x: XNet, who: str) -> str:
+    client = x.clients[who]
+    api = client.token_url.removesuffix("/auth/token")
+    r = httpx.post(f"{api}/auth/token", data=client.form(), timeout=30)
+    assert r.status_code == 200, r.text
+    return str(r.json()["access_token"])
+
+
+def submit(x: XNet, org: str, key: SigningKey, type_: str, payload: dict[str, Any]) -> None:
+    """A signed transaction through ``org``'s node (committed there when this returns)."""
+    peer = x.node(org)["peer"]
+    seq = httpx.get(f"{peer}/ledger/v1/seq/{key.key_id.hex()}", timeout=10).json()["seq"]
+    tx = make_tx(key, NETWORK, type_, payload, seq=seq + 1, time=int(time.time() * 1000))
+    r = httpx.post(f"{peer}/ledger/v1/txs", content=encode([tx.raw]), timeout=60)
+    (res,) = decode(r.content)
+    assert res["ok"], res
+
+
+def key_of(x: XNet, org: str, name: str) -> SigningKey:
+    return Keystore(Path(x.node(org)["data_dir"]) / "keys").load(name).signing
+
+
+def converge(x: XNet, within: float = 30.0) -> None:
+    """Wait until both nodes are at the same height."""
+    deadline = time.monotonic() + within
+    heights: list[int] = []
+    while time.monotonic() < deadline:
+        heights = [
+            httpx.get(n["peer"] + "/health", timeout=5).json()["height"] for n in x.layout["nodes"]
+        ]
+        if len(set(heights)) == 1:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"nodes did not converge: {heights}")
+
+
+def audit(x: XNet, org: str, patient: str) -> list[dict[str, Any]]:
+    """The access entries about ``patient`` in ``org``'s ledger copy, oldest first."""
+    store = open_store(x.node(org)["store"])
+    try:
+        return [decode(raw) for _, raw in store.scan(f"audit/{patient}/".encode())]
+    finally:
+        store.close()
+
+
+def fhir(x: XNet, org: str) -> str:
+    return str(x.node(org)["api"]) + "/fhir"
+
+
+# -- the test -------------------------------------------------------------------------------
+
+
+def test_a_practitioner_reads_a_record_held_by_another_nodes_organisation(xnet: XNet) -> None:
+    x = xnet
+    a, b = fhir(x, "org-1"), fhir(x, "org-2")
+    sys_a = {"Authorization": f"Bearer {token(x, 'system:org-1')}", "Content-Type": FHIR_JSON}
+    # org-1 registers the patient and an Observation; org-2 registers a physician
+    r = httpx.post(f"{a}/Patient", json=copy.deepcopy(synthea_patient()), headers=sys_a)
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    r = httpx.post(f"{a}/Observation", json=lab_observation(pid), headers=sys_a, timeout=30)
+    assert r.status_code == 201, r.text
+    written = r.json()
+    oid = written["id"]
+    submit(
+        x,
+        "org-2",
+        key_of(x, "org-2", "admin-org-2"),
+        "principal.register",
+        {
+            "id": "phys-b",
+            "kind": "practitioner",
+            "roles": ["physician"],
+            "pub": SigningKey.generate().public.raw,
+        },
+    )
+    converge(x)
+    phys = {"Authorization": f"Bearer {token(x, 'practitioner:phys-b')}"}
+
+    # no consent (opt-in network): 403 OperationOutcome, one deny entry, logged by org-2
+    r = httpx.get(f"{b}/Observation/{oid}", headers=phys, timeout=30)
+    assert r.status_code == 403, r.text
+    assert r.json()["resourceType"] == "OperationOutcome"
+    entries = [e for e in audit(x, "org-2", pid) if e["actor"] == "phys-b"]
+    assert [(e["org"], e["outcome"], e["records"]) for e in entries] == [("org-2", "deny", [oid])]
+
+    # the patient consents (signed with the patient's key, kept by org-1's node)
+    consent = {
+        "id": "cons-" + secrets.token_hex(6),
+        "patient": pid,
+        "provision": {
+            "type": "permit",
+            "actors": [{"kind": "org", "id": "org-2"}],
+            "purposes": ["TREAT"],
+        },
+    }
+    submit(x, "org-1", key_of(x, "org-1", pid), "consent.grant", {"consent": consent})
+    converge(x)
+
+    # the read at org-2: org-1's plaintext, exactly one access entry on the shared ledger
+    r = httpx.get(f"{b}/Observation/{oid}", headers=phys, timeout=30)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["meta"]["versionId"] == "1" and r.headers["etag"] == 'W/"1"'
+    for field in ("code", "valueQuantity", "subject", "effectiveDateTime", "status"):
+        assert got[field] == written[field]
+    converge(x)
+    for org in ("org-1", "org-2"):  # both ledger copies hold the same, single entry
+        entries = [e for e in audit(x, org, pid) if e["actor"] == "phys-b"]
+        assert [(e["org"], e["outcome"]) for e in entries] == [
+            ("org-2", "deny"),
+            ("org-2", "permit"),
+        ], org
+        assert entries[1]["records"] == [oid] and entries[1]["on_behalf"]
+
+    # $everything and a patient search at org-2 include org-1's records (one entry each)
+    r = httpx.get(f"{b}/Patient/{pid}/$everything", headers=phys, timeout=30)
+    assert r.status_code == 200, r.text
+    ids = {(e["resource"]["resourceType"], e["resource"]["id"]) for e in r.json()["entry"]}
+    assert {("Observation", oid), ("Patient", pid)} <= ids
+    r = httpx.get(f"{b}/Observation", params={"patient": pid}, headers=phys, timeout=30)
+    assert r.status_code == 200, r.text
+    assert [e["resource"]["id"] for e in r.json()["entry"]] == [oid]
+    assert r.json()["total"] == 1
+    # clinical filters search this node's index only (org-2 holds nothing of the patient)
+    code = "http://loinc.org|4548-4"
+    r = httpx.get(
+        f"{b}/Observation", params={"patient": pid, "code": code}, headers=phys, timeout=30
+    )
+    assert r.status_code == 200 and r.json()["total"] == 0
+    converge(x)
+    entries = [e for e in audit(x, "org-1", pid) if e["actor"] == "phys-b"]
+    assert [e["org"] for e in entries] == ["org-2"] * 5  # org-1 logged none of these
+
+    # org-1's stored ciphertext altered: org-2 refuses it (commitment on its own ledger)
+    data = Path(x.node("org-1")["data_dir"])
+    flip_ciphertext(data / "records.db", oid)
+    r = httpx.get(f"{b}/Observation/{oid}", headers=phys, timeout=30)
+    assert r.status_code == 500, r.text
+    outcome = r.json()
+    assert outcome["resourceType"] == "OperationOutcome"
+    assert "does not match its commitment" in outcome["issue"][0]["diagnostics"]
