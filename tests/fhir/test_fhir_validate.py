@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -11,7 +13,14 @@ import pytest
 from fhirdata import ALL_RESOURCES, resources_of
 
 from medledger.fhir.outcome import FhirError
-from medledger.fhir.validate import KNOWN_TYPES, SUPPORTED_TYPES, model_class, parse_resource
+from medledger.fhir.validate import (
+    KNOWN_TYPES,
+    NO_R4B_MODEL,
+    SUPPORTED_TYPES,
+    is_known_type,
+    model_class,
+    parse_resource,
+)
 
 
 def _fails(body: Any, expected_type: str | None = None) -> FhirError:
@@ -71,6 +80,40 @@ def test_known_types_are_r4_types_with_models() -> None:
     assert "MedicinalProduct" not in KNOWN_TYPES  # R4 only, no R4B model
     assert "Citation" not in KNOWN_TYPES  # R4B only, not an R4 type
     assert model_class("Nope") is None
+
+
+def test_known_types_are_exactly_the_r4_types_with_an_r4b_model() -> None:
+    """The static list (no model imported to build it) matches what the models say."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    from medledger.contracts._common import FHIR_TYPES
+
+    def has_model(rtype: str) -> bool:
+        try:
+            cls = get_fhir_model_class(rtype)
+        except ValueError:
+            return False
+        return getattr(cls, "__resource_type__", None) == rtype
+
+    assert {t for t in FHIR_TYPES if has_model(t)} == KNOWN_TYPES
+    assert all(model_class(t) is not None for t in KNOWN_TYPES)
+    assert all(model_class(t) is None for t in NO_R4B_MODEL)
+    assert all(is_known_type(t) for t in KNOWN_TYPES) and not is_known_type("Citation")
+
+
+def test_importing_the_library_loads_no_model() -> None:
+    """Models load on first use: start-up (the CLI, each import worker) pays for none."""
+    code = (
+        "import sys, medledger.fhir, medledger.fhir.index, medledger.fhir.bundle, "
+        "medledger.fhir.ndjson, medledger.fhir.capability\n"
+        "loaded = [m for m in sys.modules if m.startswith('fhir.resources.R4B.')]\n"
+        "assert 'fhir.resources.R4B.patient' not in loaded, loaded\n"
+        "from medledger.fhir.validate import parse_resource\n"
+        "parse_resource({'resourceType': 'Patient'}, 'Patient')\n"
+        "assert 'fhir.resources.R4B.patient' in sys.modules\n"
+        "assert 'fhir.resources.R4B.claim' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ----------------------------------------------------------------------------- 400: not readable

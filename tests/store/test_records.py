@@ -353,3 +353,63 @@ async def test_sqlite_moves_staged_versions_of_an_older_file(tmp_path: Path) -> 
     finally:
         db.close()
     assert "rec_staged" not in names and "rec_staging" in names
+
+
+async def test_sqlite_works_on_an_older_without_rowid_versions_table(tmp_path: Path) -> None:
+    """Files written before ``rec_versions`` became a rowid table work as they are."""
+    import sqlite3
+
+    path = tmp_path / "records.db"
+    store = await open_record_store(f"sqlite:///{path}")
+    await store.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    try:  # the table as older versions created it
+        db.execute("DROP TABLE rec_versions")
+        db.execute(
+            "CREATE TABLE rec_versions (record TEXT NOT NULL, version INTEGER NOT NULL, "
+            "patient TEXT NOT NULL, custodian TEXT NOT NULL, resource_type TEXT NOT NULL, "
+            "salt BLOB NOT NULL, ciphertext BLOB NOT NULL, last_updated INTEGER NOT NULL, "
+            "deleted INTEGER NOT NULL, PRIMARY KEY (record, version)) WITHOUT ROWID"
+        )
+    finally:
+        db.close()
+    store = await open_record_store(f"sqlite:///{path}")
+    try:
+        v1, v2 = version("obs-1"), version("obs-1", 2)
+        for v in (v1, v2):
+            await store.stage(v, [key_of(v)], index_of(v, (tok("a"),), T0), T0)
+        assert await store.put_versions(
+            [(v, [key_of(v)], index_of(v, (tok("a"),), T0)) for v in (v1, v2)]
+        ) == [None, None]
+        assert await store.get_version("obs-1") == v2
+        assert await store.versions("obs-1") == [v1, v2]
+        assert await store.latest_versions(["obs-1", "nope"]) == {"obs-1": 2}
+        other = version("obs-1", 2)  # another salt and ciphertext
+        [conflict] = await store.put_versions(
+            [(other, [key_of(other)], index_of(other, (tok("a"),), T0))]
+        )
+        assert isinstance(conflict, Conflict)
+        assert await store.shred_patient(v1.patient) == 1
+        assert (await store.get_version("obs-1", 1)).ciphertext == b""  # type: ignore[union-attr]
+    finally:
+        await store.close()
+    db = sqlite3.connect(path)
+    try:
+        [sql] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'rec_versions'").fetchone()
+    finally:
+        db.close()
+    assert "WITHOUT ROWID" in sql
+
+
+async def test_sqlite_new_files_keep_versions_in_a_rowid_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "records.db"
+    store = await open_record_store(f"sqlite:///{path}")
+    await store.close()
+    db = sqlite3.connect(path)
+    try:
+        [sql] = db.execute("SELECT sql FROM sqlite_master WHERE name = 'rec_versions'").fetchone()
+    finally:
+        db.close()
+    assert "WITHOUT ROWID" not in sql and "UNIQUE (record, version)" in sql

@@ -11,7 +11,9 @@ Three layers, cheapest first:
    strings; a known R4 ``resourceType`` (matching ``expected_type``).
 2. **Structure** with the ``fhir.resources.R4B`` model of the type (R4B's
    models read R4 JSON of every type medledger serves): element names, JSON
-   types, primitive formats (dates, ids, codes), cardinality.
+   types, primitive formats (dates, ids, codes), cardinality. A type's model
+   is imported the first time it is needed (:func:`model_class`); importing
+   this module loads none (all ~130 take seconds, an import needs a dozen).
 3. **Content rules** the models skip, for :data:`SUPPORTED_TYPES`: status and
    other codes with a *required* binding, mandatory elements, and invariants
    (Observation obs-3/6/7, Condition con-3/4/5, AllergyIntolerance ait-1/2,
@@ -44,9 +46,11 @@ from medledger.fhir.outcome import FhirError, Issue
 
 __all__ = [
     "KNOWN_TYPES",
+    "NO_R4B_MODEL",
     "SUPPORTED_TYPES",
     "codings",
     "is_known_type",
+    "load_models",
     "model_class",
     "parse_json",
     "parse_resource",
@@ -73,13 +77,34 @@ SUPPORTED_TYPES: frozenset[str] = frozenset(
 )
 
 
+#: R4 resource types without an R4B model (R4-only types: R4B dropped or reshaped them).
+NO_R4B_MODEL: frozenset[str] = frozenset(
+    """
+    EffectEvidenceSynthesis MedicinalProduct MedicinalProductAuthorization
+    MedicinalProductContraindication MedicinalProductIndication MedicinalProductIngredient
+    MedicinalProductInteraction MedicinalProductManufactured MedicinalProductPackaged
+    MedicinalProductPharmaceutical MedicinalProductUndesirableEffect RiskEvidenceSynthesis
+    SubstanceNucleicAcid SubstancePolymer SubstanceProtein SubstanceReferenceInformation
+    SubstanceSourceMaterial SubstanceSpecification
+    """.split()
+)
+
+#: R4 resource types with an R4B model (R4-only types such as MedicinalProduct are absent).
+#: Names only: a model is imported on first use (:func:`model_class`), as importing all
+#: ~130 of them takes seconds and an import or a server needs a dozen or so.
+KNOWN_TYPES: frozenset[str] = FHIR_TYPES - NO_R4B_MODEL
+
+
 @cache
 def model_class(resource_type: str) -> Any:
-    """The ``fhir.resources.R4B`` model class of ``resource_type`` (None if unknown)."""
+    """The ``fhir.resources.R4B`` model class of ``resource_type`` (None if unknown).
+
+    Imported on first use (then cached).
+    """
+    if resource_type not in KNOWN_TYPES:
+        return None
     from fhir.resources.R4B import get_fhir_model_class
 
-    if resource_type not in FHIR_TYPES:
-        return None
     try:
         cls = get_fhir_model_class(resource_type)
     except ValueError:
@@ -89,17 +114,16 @@ def model_class(resource_type: str) -> Any:
     return cls
 
 
+def load_models(types: Iterable[str]) -> None:
+    """Import the models of ``types`` now (e.g. before forking worker processes)."""
+    for rtype in types:
+        model_class(rtype)
+
+
 def is_known_type(resource_type: Any) -> bool:
-    """True for an R4 resource type that this library can validate."""
-    return isinstance(resource_type, str) and model_class(resource_type) is not None
+    """True for an R4 resource type that this library can validate (imports no model)."""
+    return isinstance(resource_type, str) and resource_type in KNOWN_TYPES
 
-
-def _known_types() -> frozenset[str]:
-    return frozenset(t for t in FHIR_TYPES if model_class(t) is not None)
-
-
-#: R4 resource types with an R4B model (R4-only types such as MedicinalProduct are absent).
-KNOWN_TYPES: frozenset[str] = _known_types()
 
 # --------------------------------------------------------------------------- JSON layer
 

@@ -1851,10 +1851,12 @@ def _exit_with(parent: int) -> None:
 
 def _warm_worker() -> int:
     """Run in each new import worker (and before forking them): load what a chunk needs,
-    the validation models and the indexer, before the first chunk."""
+    the validation models of the types an import writes and the indexer, before the
+    first chunk (models otherwise load on first use)."""
     from medledger.fhir.index import extract
-    from medledger.fhir.validate import parse_resource
+    from medledger.fhir.validate import load_models, parse_resource
 
+    load_models(RECORD_TYPES)
     with contextlib.suppress(FhirError):
         extract(parse_resource({"resourceType": "Patient", "id": "warm"}, "Patient"))
     return os.getpid()
@@ -1895,8 +1897,8 @@ class ImportWorkers:
 def fork_import_workers(workers: int | None = None) -> ImportWorkers | None:
     """Start import workers now by forking this process, if it runs a single thread.
 
-    A forked worker starts with the validation models this process has already
-    loaded (importing this module loads them), so it is ready at once, where a
+    A forked worker starts with the validation models this process loads here
+    first (those of :data:`RECORD_TYPES`), so it is ready at once, where a
     worker of the forkserver (the :class:`Importer`'s own way) waits for a fresh
     interpreter to load them again: seconds of CPU. Forking is safe only while
     no other thread runs (a lock held by another thread at the fork would stay
@@ -2125,8 +2127,8 @@ class Importer:
 
         The workers given as ``pool`` (see :func:`fork_import_workers`) are used
         as they are. Else ``forkserver``: workers fork from a clean server process
-        that has loaded the validation models once, never from this process and
-        its threads.
+        (never from this process and its threads) and each loads the validation
+        models of :data:`RECORD_TYPES` before its first chunk.
         """
         if self._given is not None:
             self._pool = self._given.pool
