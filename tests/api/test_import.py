@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+import ledger_files
 from medledger.api.runtime import Runtime
 from medledger.api.settings import Settings
 from medledger.datadir import DataDir
@@ -73,18 +74,7 @@ def ledger_summary(data_dir: Path) -> tuple[int, Counter[str]]:
 
 def registrations(data_dir: Path) -> Counter[str]:
     """record id -> registrations naming it (``record.register`` and batch entries)."""
-    db = sqlite3.connect(f"file:{data_dir / 'ledger.db'}?mode=ro", uri=True)
-    try:
-        txs = [Transaction.from_bytes(r[0]) for r in db.execute("SELECT raw FROM txs")]
-    finally:
-        db.close()
-    out: Counter[str] = Counter()
-    for tx in txs:
-        if tx.type == "record.register":
-            out[tx.payload["record"]] += 1
-        elif tx.type == "record.register_batch":
-            out.update(e["record"] for e in tx.payload["records"])
-    return out
+    return ledger_files.registrations(data_dir / "ledger.db")
 
 
 def store_versions(data_dir: Path) -> tuple[Counter[str], int]:

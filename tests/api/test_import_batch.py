@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
+import ledger_files
 from medledger.api.runtime import Runtime
 from medledger.api.settings import Settings
-from medledger.ledger.tx import Transaction
 from medledger.services.fhir import RECORD_TYPES, Importer
 
 from .conftest import BUNDLE_FILE, NDJSON_DIR, build_network
@@ -107,20 +107,8 @@ def served_ids(path: Path) -> int:
 
 
 def ledger_records(data_dir: Path) -> Counter[str]:
-    """record id -> registrations naming it (``record.register`` transactions and
-    ``record.register_batch`` entries, read from the ledger file)."""
-    db = sqlite3.connect(f"file:{data_dir / 'ledger.db'}?mode=ro", uri=True)
-    try:
-        txs = [Transaction.from_bytes(r[0]) for r in db.execute("SELECT raw FROM txs")]
-    finally:
-        db.close()
-    out: Counter[str] = Counter()
-    for tx in txs:
-        if tx.type == "record.register":
-            out[tx.payload["record"]] += 1
-        elif tx.type == "record.register_batch":
-            out.update(e["record"] for e in tx.payload["records"])
-    return out
+    """record id -> registrations naming it, read from the ledger file."""
+    return ledger_files.registrations(data_dir / "ledger.db")
 
 
 def store_rows(data_dir: Path) -> tuple[Counter[str], int]:

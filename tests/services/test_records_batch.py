@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+import ledger_files
 from medledger.errors import (
     Conflict,
     MalformedTransaction,
@@ -65,20 +66,8 @@ def ledger_types(net: Net) -> Counter[str]:
 
 
 def registered(net: Net) -> Counter[str]:
-    """record id -> how many registrations name it (``record.register`` transactions and
-    ``record.register_batch`` entries)."""
-    db = sqlite3.connect(f"file:{net.path / 'ledger.db'}?mode=ro", uri=True)
-    try:
-        txs = [Transaction.from_bytes(r[0]) for r in db.execute("SELECT raw FROM txs")]
-    finally:
-        db.close()
-    out: Counter[str] = Counter()
-    for tx in txs:
-        if tx.type == "record.register":
-            out[tx.payload["record"]] += 1
-        elif tx.type == "record.register_batch":
-            out.update(e["record"] for e in tx.payload["records"])
-    return out
+    """record id -> how many registrations name it."""
+    return ledger_files.registrations(net.path / "ledger.db")
 
 
 def entry(rid: str, patient: str, **kw: Any) -> RecordWrite:
