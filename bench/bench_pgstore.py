@@ -49,6 +49,7 @@ from medledger.ledger.tx import Transaction
 from medledger.ledger.verify import verify_ledger
 from medledger.node import Node
 from medledger.store import BlockRecord, LedgerStore, TxRecord, open_store
+from medledger.store.base import BlockWrite
 from medledger.workload import DEFAULT_MIX, Workload
 
 ADMIN_URL = os.environ.get("MEDLEDGER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -121,6 +122,20 @@ class Recording:
                     dict(smt_writes),
                     checkpoint,
                 )
+            )
+
+    def commit_blocks(
+        self, blocks: Sequence[BlockWrite], meta: Mapping[str, bytes] | None = None
+    ) -> None:
+        if len(blocks) == 1:  # what the node does for one block: recorded as above
+            w = blocks[0]
+            self.commit_block(
+                w.block, w.txs, w.tree_nodes, w.state_changes, w.smt_writes, w.checkpoint, meta
+            )
+            return
+        for w in blocks:  # a group (etcd orderer only): one block at a time here
+            self.commit_block(
+                w.block, w.txs, w.tree_nodes, w.state_changes, w.smt_writes, w.checkpoint, meta
             )
 
 

@@ -36,7 +36,7 @@ from medledger.errors import (
     StorageError,
     TransactionRejected,
 )
-from medledger.ledger.apply import BlockResult, build_block, genesis_header
+from medledger.ledger.apply import BlockResult, ChainReader, build_block, genesis_header
 from medledger.ledger.block import BlockHeader
 from medledger.ledger.checkpoint import BlockRef, Checkpoint, checkpoint_of, sign_checkpoint
 from medledger.ledger.note import NoteSigner
@@ -45,10 +45,19 @@ from medledger.merkle.compact import CompactRange, border_ids, root_from_border
 from medledger.merkle.hasher import EMPTY_ROOT, leaf_hash
 from medledger.merkle.proof import consistency_nodes, inclusion_nodes
 from medledger.state.base import StateReader
+from medledger.state.overlay import Overlay
 from medledger.state.smt import SparseMerkleTree
 from medledger.store import BlockRecord, LedgerStore, TxRecord, open_store
+from medledger.store.base import BlockWrite
 
-__all__ = ["InclusionProof", "Node", "Receipt", "checkpoint_origin", "signer_name"]
+__all__ = [
+    "BlockSpec",
+    "InclusionProof",
+    "Node",
+    "Receipt",
+    "checkpoint_origin",
+    "signer_name",
+]
 
 T = TypeVar("T")
 
@@ -140,6 +149,71 @@ class _ReadCache:
     ) -> None:
         self.rows.update(rows)
         self.nodes.update(nodes)
+
+
+class _PendingView:
+    """The committed state (``cache``) plus blocks derived but not yet committed.
+
+    While a group of consecutive blocks is derived for one store transaction,
+    block N+1 is built on N's post-state: state rows, state-tree nodes and
+    transaction ids of the earlier blocks of the group are read from here. Nothing
+    reaches the cache until the group's commit has returned.
+    """
+
+    def __init__(self, cache: _ReadCache, asked: Sequence[bytes] = ()) -> None:
+        self.cache = cache
+        self.state = Overlay(cache)
+        self.nodes: dict[bytes, bytes | None] = {}
+        self.tx_ids: set[bytes] = set()
+        # the log ids among ``asked`` (every transaction of the group): one store
+        # lookup for the group instead of one per block
+        self.asked = set(asked)
+        self.on_ledger = cache.known_txs(list(self.asked)) if self.asked else set()
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.state.get(key)
+
+    def scan(
+        self, prefix: bytes, *, start: bytes | None = None, limit: int | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        return self.state.scan(prefix, start=start, limit=limit)
+
+    def get_node(self, node_key: bytes) -> bytes | None:
+        nodes = self.nodes
+        if node_key in nodes:
+            return nodes[node_key]
+        return self.cache.get_node(node_key)
+
+    def has_tx(self, tx_id: bytes) -> bool:
+        return tx_id in self.tx_ids or self.cache.has_tx(tx_id)
+
+    def known_txs(self, tx_ids: Sequence[bytes]) -> set[bytes]:
+        mine, asked, on_ledger = self.tx_ids, self.asked, self.on_ledger
+        found = {t for t in tx_ids if t in mine or t in on_ledger}
+        rest = [t for t in tx_ids if t not in asked and t not in mine]
+        return found | (self.cache.known_txs(rest) if rest else set())
+
+    def add(self, result: BlockResult) -> None:
+        for key, value in result.state_changes.items():
+            if value is None:
+                self.state.delete(key)
+            else:
+                self.state.put(key, value)
+        self.nodes.update(result.smt_writes)
+        self.tx_ids.update(tx.tx_id for tx in result.txs)
+
+
+@dataclass(slots=True)
+class BlockSpec:
+    """One block to derive in :meth:`Node.commit_group` (the arguments of commit_batch)."""
+
+    txs: Sequence[Transaction]
+    signatures: Sequence[bool] | None = None
+    block_time: int | None = None
+    proposer: bytes | None = None
+    #: ``precheck(state, head)``: raising one of ``commit_group``'s ``refusals`` refuses
+    #: this block alone (the others go on); any other exception aborts the group
+    precheck: Callable[[StateReader, BlockHeader], None] | None = None
 
 
 class _Head:
@@ -391,6 +465,66 @@ class Node:
 
         return await self._run(_commit)
 
+    async def commit_group(
+        self,
+        specs: Sequence[BlockSpec],
+        *,
+        refusals: tuple[type[Exception], ...] = (),
+        meta: Callable[[int], Mapping[str, bytes]] | None = None,
+    ) -> list[list[Receipt | TransactionRejected] | Exception]:
+        """Derive consecutive blocks, one per spec, and commit them in ONE store transaction.
+
+        Group commit: each block is built exactly as :meth:`commit_batch` would build
+        it on the state the previous ones leave (the blocks and their headers are
+        the same as when committed one by one); only the durability is batched: one
+        store commit for the group, and nothing is reported (or visible to readers)
+        before it has returned. A spec whose ``precheck`` raises one of
+        ``refusals`` gets that exception and makes no block; one whose transactions
+        are all rejected makes no block. ``meta(head_height)`` gives the metadata
+        written with the group (the head after it), also when it makes no block.
+        """
+        now = self.clock()
+
+        def _commit() -> list[list[Receipt | TransactionRejected] | Exception]:
+            head = self._head
+            assert head is not None
+            view = _PendingView(self._cache, [tx.tx_id for spec in specs for tx in spec.txs])
+            reader: ChainReader = view
+            header, compact = head.header, head.compact
+            out: list[list[Receipt | TransactionRejected] | Exception] = []
+            results: list[BlockResult] = []
+            for spec in specs:
+                if spec.precheck is not None:
+                    try:
+                        spec.precheck(reader, header)
+                    except refusals as exc:
+                        out.append(exc)
+                        continue
+                next_compact = compact.copy()
+                bt = now if spec.block_time is None else spec.block_time
+                result, receipts = self._derive(
+                    reader, header, next_compact, spec.txs, bt, spec.signatures, spec.proposer
+                )
+                out.append(receipts)
+                if result is None:
+                    continue
+                results.append(result)
+                view.add(result)
+                reader = view
+                header, compact = result.header, next_compact
+            extra = meta(header.height) if meta is not None else None
+            if results:
+                self.store.commit_blocks([self._block_write(r) for r in results], extra)
+                for r in results:
+                    self._cache.committed(r.state_changes, r.smt_writes)
+                head.header, head.compact = header, compact
+            elif extra:
+                for k, v in extra.items():
+                    self.store.set_meta(k, v)
+            return out
+
+        return await self._run(_commit)
+
     async def append_block(
         self,
         header: bytes,
@@ -463,8 +597,36 @@ class Node:
         block_meta: Callable[[int], Mapping[str, bytes]] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         head = self._head
-        assert head is not None and self.proposer is not None
+        assert head is not None
         compact = head.compact.copy()
+        result, out = self._derive(
+            self._cache, head.header, compact, txs, block_time, signatures, proposer
+        )
+        if result is None:
+            return out
+        if before_write is not None:
+            before_write(self.store, result.header.height)
+        meta = block_meta(result.header.height) if block_meta is not None else None
+        self._write_block(result, meta=meta)
+        head.header, head.compact = result.header, compact
+        return out
+
+    def _derive(
+        self,
+        reader: ChainReader,
+        prev: BlockHeader,
+        compact: CompactRange,
+        txs: Sequence[Transaction],
+        block_time: int,
+        signatures: Sequence[bool] | None,
+        proposer: bytes | None,
+    ) -> tuple[BlockResult | None, list[Receipt | TransactionRejected]]:
+        """Build the block of ``txs`` on ``reader`` (``compact`` advanced in place).
+
+        Returns the block (None if every transaction is rejected) and each
+        transaction's receipt or rejection, in input order.
+        """
+        assert self.proposer is not None
         # keyed by position, not id(tx): the same object may be submitted twice in a batch
         rejected: dict[int, TransactionRejected] = {}
         candidates: list[Transaction] = list(txs)
@@ -480,8 +642,8 @@ class Node:
                         f"signature of transaction {tx.tx_id.hex()} does not verify"
                     )
         result = build_block(
-            self._cache,
-            head.header,
+            reader,
+            prev,
             compact,
             candidates,
             block_time=block_time,
@@ -492,12 +654,7 @@ class Node:
         )
         rejected.update({positions[r.position]: r.error for r in result.rejected})
         if not result.txs:
-            return [rejected[i] for i in range(len(txs))]
-        if before_write is not None:
-            before_write(self.store, result.header.height)
-        meta = block_meta(result.header.height) if block_meta is not None else None
-        self._write_block(result, meta=meta)
-        head.header, head.compact = result.header, compact
+            return None, [rejected[i] for i in range(len(txs))]
         out: list[Receipt | TransactionRejected] = []
         index = result.header.first
         for i, tx in enumerate(txs):
@@ -506,14 +663,9 @@ class Node:
             else:
                 out.append(Receipt(tx.tx_id, index, result.header.height))
                 index += 1
-        return out
+        return result, out
 
-    def _write_block(
-        self,
-        result: BlockResult,
-        sig: bytes | None = None,
-        meta: Mapping[str, bytes] | None = None,
-    ) -> None:
+    def _block_write(self, result: BlockResult, sig: bytes | None = None) -> BlockWrite:
         # Every node signs the headers it stores with its own key, also when another
         # node proposed the block (etcd ordering): the header (with its proposer key id)
         # is identical everywhere; verify accepts any member node key's signature.
@@ -521,20 +673,26 @@ class Node:
         if sig is None:
             assert self.proposer is not None
             sig = header.sign(self.proposer)
-        note = self._sign_checkpoint(header)
         records = [
             TxRecord(header.first + i, tx.tx_id, header.height, tx.raw, rc)
             for i, (tx, rc) in enumerate(zip(result.txs, result.receipts, strict=True))
         ]
-        self.store.commit_block(
+        return BlockWrite(
             BlockRecord(header.height, header.to_bytes(), sig),
             records,
             result.tree_nodes,
             result.state_changes,
             result.smt_writes,
-            checkpoint=note,
-            meta=meta,
+            self._sign_checkpoint(header),
         )
+
+    def _write_block(
+        self,
+        result: BlockResult,
+        sig: bytes | None = None,
+        meta: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self.store.commit_blocks([self._block_write(result, sig)], meta)
         self._cache.committed(result.state_changes, result.smt_writes)
 
     def _sign_checkpoint(self, header: BlockHeader) -> str:

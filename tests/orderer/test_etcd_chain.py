@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from typing import Any
 
 import aetcd
 import pytest
@@ -15,7 +17,7 @@ from medledger.ledger.verify import verify_ledger
 from medledger.node import Node, Receipt
 from medledger.orderer import make_orderer, parse_etcd_url
 from medledger.orderer.embedded import EmbeddedOrderer
-from medledger.orderer.etcd import EtcdOrderer, Proposal
+from medledger.orderer.etcd import EtcdOrderer, Proposal, read_position
 
 from .conftest import Network, now_ms
 
@@ -90,6 +92,46 @@ async def test_two_nodes_derive_byte_identical_blocks(net: Network) -> None:
         report = await n.storage(verify_ledger)
         assert report.ok, report.failure
         assert report.transactions == 200
+
+
+async def test_proposals_applied_as_one_group_make_the_same_blocks(net: Network) -> None:
+    a = await net.node("h1", max_group=1)  # one store commit per block
+    b = await net.node("h2")
+    c = await net.node("h3")
+    groups: list[int] = []
+    commit_blocks = c.store.commit_blocks
+
+    def recording(blocks: Any, meta: Any = None) -> None:
+        groups.append(len(blocks))
+        commit_blocks(blocks, meta)
+
+    c.store.commit_blocks = recording  # type: ignore[method-assign]
+    # hold c's storage thread while a and b commit several proposals: c then applies
+    # them as consecutive blocks in one store transaction
+    held = threading.Event()
+    stuck = asyncio.get_running_loop().run_in_executor(c._io, held.wait)
+    sa, sb = net.signer("h1"), net.signer("h2")
+    for _ in range(3):
+        await asyncio.gather(*(a.enqueue(sa.anchor()) for _ in range(10)))
+        await asyncio.gather(*(b.enqueue(sb.anchor()) for _ in range(10)))
+    tx = net.signer("h3").anchor()
+    pending = asyncio.ensure_future(c.submit(tx))  # acknowledged only after its group commits
+    await asyncio.sleep(0.3)
+    assert not pending.done()
+    held.set()
+    await stuck
+    receipt = await pending
+    assert (await c.get_tx(tx.tx_id)).index == receipt.index
+    for n in (a, b, c):
+        await n.orderer.sync()
+    assert max(groups) > 1, groups
+    assert a.head.log_size == 61
+    assert await chain(c) == await chain(a) == await chain(b)
+    assert await state_rows(c) == await state_rows(a)
+    report = await c.storage(verify_ledger)
+    assert report.ok, report.failure
+    # c restarts from the position its last group recorded
+    assert await c.storage(read_position) == (c.head.height, c.orderer.position[1])
 
 
 async def test_submit_returns_after_local_commit_and_tx_reaches_every_node(

@@ -52,6 +52,7 @@ from medledger.node import Node, Receipt
 from medledger.state.base import MemoryState
 from medledger.store import BlockRecord, LedgerStore, TxRecord, open_store
 from medledger.store import postgres as pgstore
+from medledger.store.base import BlockWrite
 from medledger.store.postgres import PostgresStore
 from medledger.store.sqlite import SqliteStore
 from medledger.workload import KINDS, Workload
@@ -413,6 +414,58 @@ def test_rows_of_earlier_or_failed_blocks_never_come_back(store: LedgerStore) ->
     assert list(store.iter_state()) == [(b"j", b"v3")]
     assert list(store.iter_nodes()) == [(b"m", b"v3")]
     assert list(store.iter_tree_nodes()) == [(0, 0, b"t" * 32)]
+
+
+def _write(height: int, first: int, n: int, **changes: Any) -> BlockWrite:
+    b = _full_block(height, first, n)
+    b.update(changes)
+    return BlockWrite(
+        BlockRecord(height, b"header/%d" % height, b"sig/%d" % height),
+        b["txs"],
+        b["tree"],
+        b["state"],
+        b["smt"],
+        b["checkpoint"],
+    )
+
+
+def test_a_group_of_blocks_stores_what_one_commit_per_block_stores(
+    store_url: str, tmp_path: Path
+) -> None:
+    # later blocks rewrite and delete earlier blocks' rows: last write wins, as one by one
+    blocks = [
+        _write(0, 0, 2),
+        _write(1, 2, 3, state={b"k": b"1", b"gone": b"x"}, smt={b"\x01n": b"1", b"\x01m": b"m"}),
+        _write(2, 5, 1, state={b"k": b"2", b"gone": None}, smt={b"\x01n": None}),
+        _write(3, 6, 2, tree=[((0, 6), b"z" * 32), ((0, 2), b"y" * 32)], checkpoint=None),
+    ]
+    one = open_store(f"sqlite:///{tmp_path / 'one.db'}")
+    group = open_store(store_url)
+    try:
+        for w in blocks:
+            one.commit_block(
+                w.block, w.txs, w.tree_nodes, w.state_changes, w.smt_writes, w.checkpoint
+            )
+        group.commit_blocks(blocks[:1])
+        group.commit_blocks(blocks[1:], meta={"pos": b"3"})
+        assert _snapshot(group) == _snapshot(one)
+        assert group.get_meta("pos") == b"3"
+        assert group.get_tree_nodes([(0, 2)]) == [b"y" * 32]
+    finally:
+        one.close()
+        group.close()
+
+
+def test_a_group_that_fails_in_any_block_leaves_nothing(store: LedgerStore) -> None:
+    store.commit_blocks([_write(0, 0, 3)], meta={"pos": b"0"})
+    before = _snapshot(store)
+    bad = _write(3, 9, 2, txs=[_tx(9, 3), _tx(10, 3, tag=b"1")])  # tx 1's bytes again
+    with pytest.raises(StorageError, match=r"block 1\.\.3"):
+        store.commit_blocks([_write(1, 3, 3), _write(2, 6, 3), bad], meta={"pos": b"3"})
+    assert _snapshot(store) == before
+    assert store.get_meta("pos") == b"0"
+    store.commit_blocks([_write(1, 3, 3), _write(2, 6, 3)], meta={"pos": b"2"})
+    assert store.head_height() == 2 and store.get_meta("pos") == b"2"
 
 
 def test_a_block_of_two_thousand_transactions(store: LedgerStore) -> None:

@@ -22,7 +22,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["BlockRecord", "LedgerStore", "TxRecord"]
+__all__ = ["BlockRecord", "BlockWrite", "LedgerStore", "TxRecord"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +39,18 @@ class TxRecord:
     height: int
     raw: bytes
     receipt: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class BlockWrite:
+    """Everything one block writes (the arguments of :meth:`LedgerStore.commit_block`)."""
+
+    block: BlockRecord
+    txs: Sequence[TxRecord]
+    tree_nodes: Sequence[tuple[tuple[int, int], bytes]]
+    state_changes: dict[bytes, bytes | None]
+    smt_writes: dict[bytes, bytes | None]
+    checkpoint: str | None = None
 
 
 class LedgerStore(Protocol):
@@ -92,6 +104,18 @@ class LedgerStore(Protocol):
 
         ``meta`` entries (as :meth:`set_meta`) are written in the same transaction,
         e.g. the orderer's position for this block.
+        """
+        ...
+
+    def commit_blocks(
+        self, blocks: Sequence[BlockWrite], meta: Mapping[str, bytes] | None = None
+    ) -> None:
+        """Write consecutive blocks in ONE transaction, atomically and durably (group commit).
+
+        The same rows as one :meth:`commit_block` per block, in order (a later
+        block's writes replace an earlier one's), with a single durable commit:
+        after it returns every block is in; after a crash either all of them are
+        or none is. ``meta`` is written in the same transaction.
         """
         ...
 

@@ -54,7 +54,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from medledger.errors import StorageError
 from medledger.state.base import scan_bounds
-from medledger.store.base import BlockRecord, TxRecord
+from medledger.store.base import BlockRecord, BlockWrite, TxRecord
 
 __all__ = ["PostgresStore"]
 
@@ -518,8 +518,28 @@ class PostgresStore:
         checkpoint: str | None = None,
         meta: Mapping[str, bytes] | None = None,
     ) -> None:
-        tree = {_node_id(lv, ix): h for (lv, ix), h in tree_nodes}  # last write wins
-        tx_rows = [(t.index, t.tx_id, t.height, t.raw, t.receipt) for t in txs]
+        self.commit_blocks(
+            [BlockWrite(block, txs, tree_nodes, state_changes, smt_writes, checkpoint)], meta
+        )
+
+    def commit_blocks(
+        self, blocks: Sequence[BlockWrite], meta: Mapping[str, bytes] | None = None
+    ) -> None:
+        if not blocks:
+            raise ValueError("commit_blocks needs at least one block")
+        # consecutive blocks' writes merged in order: a later block's write of a row
+        # replaces an earlier one's, as if each had committed on its own
+        tree: dict[int, bytes] = {}
+        state_changes: dict[bytes, bytes | None] = {}
+        smt_writes: dict[bytes, bytes | None] = {}
+        tx_rows: list[tuple[object, ...]] = []
+        for w in blocks:
+            tree.update((_node_id(lv, ix), h) for (lv, ix), h in w.tree_nodes)
+            state_changes.update(w.state_changes)
+            smt_writes.update(w.smt_writes)
+            tx_rows.extend((t.index, t.tx_id, t.height, t.raw, t.receipt) for t in w.txs)
+        block_rows = [(w.block.height, w.block.header, w.block.sig) for w in blocks]
+        checkpoints = [(w.block.height, w.checkpoint) for w in blocks if w.checkpoint is not None]
         staged: list[tuple[str, Sequence[str], list[tuple[object, ...]]]] = []
         deletes: list[tuple[str, list[bytes]]] = []
         if tree:
@@ -531,11 +551,18 @@ class PostgresStore:
                 staged.append((name, _KV_TYPES, puts))
             if dels:
                 deletes.append((_DELETE[name], dels))
-        self._will_store("txs", (t.tx_id for t in txs))
+        for w in blocks:
+            self._will_store("txs", (t.tx_id for t in w.txs))
         self._will_store("state", (k for k, v in state_changes.items() if v is not None))
+        last = blocks[-1].block
+        first_height = blocks[0].block.height
+        heights = f"{first_height}..{last.height}" if len(blocks) > 1 else str(last.height)
 
         def write(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
-            cur.execute(_INSERT_BLOCK, (block.height, block.header, block.sig))
+            if len(block_rows) == 1:
+                cur.execute(_INSERT_BLOCK, block_rows[0])
+            else:
+                cur.executemany(_INSERT_BLOCK, block_rows)
             if tx_rows:
                 _copy(cur, _COPY_TXS, _TX_TYPES, tx_rows)
             for name, types, rows in staged:
@@ -544,8 +571,8 @@ class PostgresStore:
                 cur.execute(upsert_sql)
             for delete_sql, keys in deletes:
                 cur.execute(delete_sql, (keys,))
-            if checkpoint is not None:
-                cur.execute(_UPSERT_CHECKPOINT, (block.height, checkpoint))
+            for row in checkpoints:
+                cur.execute(_UPSERT_CHECKPOINT, row)
             for k, v in (meta or {}).items():
                 cur.execute(_UPSERT_META, (k, v))
 
@@ -560,18 +587,15 @@ class PostgresStore:
                 return
             except psycopg.OperationalError as exc:
                 if attempt == 0 and conn.broken:
-                    # The connection dropped: if it dropped during COMMIT the block may
-                    # be in; otherwise the server rolled it back and it can be retried.
-                    if self._committed(block):
+                    # The connection dropped: if it dropped during COMMIT the blocks may
+                    # be in (all or none: the last one tells); otherwise the server
+                    # rolled them back and they can be retried.
+                    if self._committed(last):
                         return
                     continue
-                raise StorageError(
-                    f"postgresql: commit of block {block.height} failed: {exc}"
-                ) from exc
+                raise StorageError(f"postgresql: commit of block {heights} failed: {exc}") from exc
             except psycopg.Error as exc:
-                raise StorageError(
-                    f"postgresql: commit of block {block.height} failed: {exc}"
-                ) from exc
+                raise StorageError(f"postgresql: commit of block {heights} failed: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _committed(self, block: BlockRecord) -> bool:

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from medledger.errors import StorageError
-from medledger.store.base import BlockRecord, TxRecord
+from medledger.store.base import BlockRecord, BlockWrite, TxRecord
 
 __all__ = ["SqliteStore"]
 
@@ -280,40 +280,51 @@ class SqliteStore:
         checkpoint: str | None = None,
         meta: Mapping[str, bytes] | None = None,
     ) -> None:
+        self.commit_blocks(
+            [BlockWrite(block, txs, tree_nodes, state_changes, smt_writes, checkpoint)], meta
+        )
+
+    def commit_blocks(
+        self, blocks: Sequence[BlockWrite], meta: Mapping[str, bytes] | None = None
+    ) -> None:
+        if not blocks:
+            raise ValueError("commit_blocks needs at least one block")
         db = self._db
         try:
             db.execute("BEGIN IMMEDIATE")
-            db.execute(
-                "INSERT INTO blocks(height, header, sig) VALUES(?, ?, ?)",
-                (block.height, block.header, block.sig),
-            )
-            db.executemany(
-                "INSERT INTO txs(idx, tx_id, height, raw, receipt) VALUES(?, ?, ?, ?, ?)",
-                [(t.index, t.tx_id, t.height, t.raw, t.receipt) for t in txs],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO tree(id, hash) VALUES(?, ?)",
-                [(_node_id(lv, ix), h) for (lv, ix), h in tree_nodes],
-            )
-            puts = [(k, v) for k, v in state_changes.items() if v is not None]
-            dels = [(k,) for k, v in state_changes.items() if v is None]
-            db.executemany("INSERT OR REPLACE INTO state(k, v) VALUES(?, ?)", puts)
-            db.executemany("DELETE FROM state WHERE k=?", dels)
-            nputs = [(k, v) for k, v in smt_writes.items() if v is not None]
-            ndels = [(k,) for k, v in smt_writes.items() if v is None]
-            db.executemany("INSERT OR REPLACE INTO smt(k, v) VALUES(?, ?)", nputs)
-            db.executemany("DELETE FROM smt WHERE k=?", ndels)
-            if checkpoint is not None:
+            for w in blocks:
+                block = w.block
                 db.execute(
-                    "INSERT OR REPLACE INTO checkpoints(height, note) VALUES(?, ?)",
-                    (block.height, checkpoint),
+                    "INSERT INTO blocks(height, header, sig) VALUES(?, ?, ?)",
+                    (block.height, block.header, block.sig),
                 )
+                db.executemany(
+                    "INSERT INTO txs(idx, tx_id, height, raw, receipt) VALUES(?, ?, ?, ?, ?)",
+                    [(t.index, t.tx_id, t.height, t.raw, t.receipt) for t in w.txs],
+                )
+                db.executemany(
+                    "INSERT OR REPLACE INTO tree(id, hash) VALUES(?, ?)",
+                    [(_node_id(lv, ix), h) for (lv, ix), h in w.tree_nodes],
+                )
+                puts = [(k, v) for k, v in w.state_changes.items() if v is not None]
+                dels = [(k,) for k, v in w.state_changes.items() if v is None]
+                db.executemany("INSERT OR REPLACE INTO state(k, v) VALUES(?, ?)", puts)
+                db.executemany("DELETE FROM state WHERE k=?", dels)
+                nputs = [(k, v) for k, v in w.smt_writes.items() if v is not None]
+                ndels = [(k,) for k, v in w.smt_writes.items() if v is None]
+                db.executemany("INSERT OR REPLACE INTO smt(k, v) VALUES(?, ?)", nputs)
+                db.executemany("DELETE FROM smt WHERE k=?", ndels)
+                if w.checkpoint is not None:
+                    db.execute(
+                        "INSERT OR REPLACE INTO checkpoints(height, note) VALUES(?, ?)",
+                        (block.height, w.checkpoint),
+                    )
             if meta:
                 db.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)", meta.items())
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             _rollback(db)
-            raise StorageError(f"sqlite: commit of block {block.height} failed: {exc}") from exc
+            raise StorageError(f"sqlite: commit of block {_heights(blocks)} failed: {exc}") from exc
         except BaseException:
             _rollback(db)
             raise
@@ -321,6 +332,11 @@ class SqliteStore:
     def close(self) -> None:
         with _translate("close"):
             self._db.close()
+
+
+def _heights(blocks: Sequence[BlockWrite]) -> str:
+    first, last = blocks[0].block.height, blocks[-1].block.height
+    return str(first) if first == last else f"{first}..{last}"
 
 
 def _rollback(db: sqlite3.Connection) -> None:
