@@ -15,16 +15,18 @@ cluster's quorum away and give it back::
 Health is read from each member's HTTP ``/health`` endpoint (it answers
 ``{"health":"true"}`` only when the member sees a leader).
 
-Members are started with ``PR_SET_PDEATHSIG`` (Linux): they are killed when the
+Members are started with ``PR_SET_PDEATHSIG`` (Linux), set by util-linux's
+``setpriv --pdeathsig KILL`` which then execs etcd: they are killed when the
 thread that started them dies, so a test run killed by a timeout leaves no etcd
 behind. Start and restart members from a long-lived thread (e.g. the main one).
+(Not with a ``preexec_fn``: Python code between fork and exec in a process with
+gRPC threads can crash the child, seen as an etcd member "exiting" with -11.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import shutil
@@ -43,15 +45,10 @@ __all__ = ["ETCD_BIN", "EtcdCluster", "EtcdMember", "free_port"]
 ETCD_BIN = shutil.which("etcd") or "/usr/bin/etcd"
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+#: prefix that makes the started program die with the thread that started it
+_DIE_WITH_PARENT = (
+    [setpriv, "--pdeathsig", "KILL", "--"] if (setpriv := shutil.which("setpriv")) else []
+)
 
 
 def free_port() -> int:
@@ -197,12 +194,11 @@ class EtcdCluster:
         log = m.log_path.open("ab")
         try:
             m.proc = subprocess.Popen(
-                self._command(m, state),
+                [*_DIE_WITH_PARENT, *self._command(m, state)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
