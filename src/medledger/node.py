@@ -429,41 +429,20 @@ class Node:
         *,
         block_time: int | None = None,
         proposer: bytes | None = None,
-        precheck: Callable[[StateReader, BlockHeader], None] | None = None,
-        before_write: Callable[[LedgerStore, int], None] | None = None,
-        if_empty: Callable[[LedgerStore, int], None] | None = None,
-        block_meta: Callable[[int], Mapping[str, bytes]] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         """Build, sign and durably commit one block from ``txs`` (orderer callback).
 
         ``signatures``, when given, holds the already checked validity of each
-        transaction's signature (see :func:`medledger.ledger.tx.check_signatures`).
+        transaction's signature (see :func:`medledger.ledger.tx.check_signed`).
 
         An orderer that decides blocks outside this node (etcd) passes the block
         time and the proposer's key id taken from the ordered proposal, so every
         node derives the same header; by default they are this node's clock and
-        key. The callbacks run on the storage thread, in the same step:
-        ``precheck(state, head)`` first (an exception it raises propagates and
-        nothing is written); ``before_write(store, height)`` just before block
-        ``height`` commits; ``if_empty(store, head_height)`` when every
-        transaction is rejected, in which case no block is written.
-        ``block_meta(height)`` gives store metadata entries written in the block's own
-        transaction (atomically with it, and without a commit of their own).
+        key. When every transaction is rejected, no block is written. (The etcd
+        orderer commits through :meth:`commit_group`.)
         """
-        if block_time is None:
-            block_time = self.clock()
-        bt = block_time
-
-        def _commit() -> list[Receipt | TransactionRejected]:
-            if precheck is not None:
-                assert self._head is not None
-                precheck(self._cache, self._head.header)
-            out = self._commit_sync(txs, bt, signatures, proposer, before_write, block_meta)
-            if if_empty is not None and all(isinstance(r, TransactionRejected) for r in out):
-                if_empty(self.store, self.head.height)
-            return out
-
-        return await self._run(_commit)
+        bt = self.clock() if block_time is None else block_time
+        return await self._run(lambda: self._commit_sync(txs, bt, signatures, proposer))
 
     async def commit_group(
         self,
@@ -510,7 +489,6 @@ class Node:
                     continue
                 results.append(result)
                 view.add(result)
-                reader = view
                 header, compact = result.header, next_compact
             extra = meta(header.height) if meta is not None else None
             if results:
@@ -593,8 +571,6 @@ class Node:
         block_time: int,
         signatures: Sequence[bool] | None = None,
         proposer: bytes | None = None,
-        before_write: Callable[[LedgerStore, int], None] | None = None,
-        block_meta: Callable[[int], Mapping[str, bytes]] | None = None,
     ) -> list[Receipt | TransactionRejected]:
         head = self._head
         assert head is not None
@@ -604,10 +580,7 @@ class Node:
         )
         if result is None:
             return out
-        if before_write is not None:
-            before_write(self.store, result.header.height)
-        meta = block_meta(result.header.height) if block_meta is not None else None
-        self._write_block(result, meta=meta)
+        self._write_block(result)
         head.header, head.compact = result.header, compact
         return out
 
@@ -686,13 +659,8 @@ class Node:
             self._sign_checkpoint(header),
         )
 
-    def _write_block(
-        self,
-        result: BlockResult,
-        sig: bytes | None = None,
-        meta: Mapping[str, bytes] | None = None,
-    ) -> None:
-        self.store.commit_blocks([self._block_write(result, sig)], meta)
+    def _write_block(self, result: BlockResult, sig: bytes | None = None) -> None:
+        self.store.commit_blocks([self._block_write(result, sig)])
         self._cache.committed(result.state_changes, result.smt_writes)
 
     def _sign_checkpoint(self, header: BlockHeader) -> str:

@@ -37,7 +37,6 @@ from medledger.errors import (
     EncodingError,
     InvalidSignature,
     MalformedTransaction,
-    TransactionRejected,
     WrongNetwork,
 )
 
@@ -45,7 +44,6 @@ __all__ = [
     "MAX_TX_BYTES",
     "SIG_DOMAIN",
     "Transaction",
-    "check_signatures",
     "check_signed",
     "make_tx",
 ]
@@ -60,6 +58,17 @@ _MAX_TYPE_LEN = 64
 #: transactions, and a key object is immutable, so one is shared. Cleared when full.
 _KEYS: dict[bytes, VerifyKey] = {}
 _KEYS_LIMIT = 4096
+
+
+def _verify_key(pub: bytes) -> VerifyKey:
+    """The (shared) parsed key of ``pub``; raises whatever ``VerifyKey`` raises for bad bytes."""
+    key = _KEYS.get(pub)
+    if key is None:
+        key = VerifyKey(pub)
+        if len(_KEYS) >= _KEYS_LIMIT:
+            _KEYS.clear()
+        _KEYS[pub] = key
+    return key
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,15 +170,10 @@ class Transaction:
             raise MalformedTransaction("seq starts at 1")
         if not isinstance(sig, bytes) or len(sig) != 64:
             raise MalformedTransaction("sig must be a 64-byte Ed25519 signature")
-        key = _KEYS.get(pub)
-        if key is None:
-            try:
-                key = VerifyKey(pub)
-            except Exception as exc:
-                raise MalformedTransaction("pub is not a valid Ed25519 public key") from exc
-            if len(_KEYS) >= _KEYS_LIMIT:
-                _KEYS.clear()
-            _KEYS[pub] = key
+        try:
+            key = _verify_key(pub)
+        except Exception as exc:
+            raise MalformedTransaction("pub is not a valid Ed25519 public key") from exc
         if key.key_id != signer:
             raise MalformedTransaction("signer key id does not match pub")
         return cls(
@@ -290,23 +294,6 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def check_signatures(raws: list[bytes]) -> list[bool]:
-    """Parse each transaction and check its signature: a stateless, parallelisable step.
-
-    Run in a worker process by the embedded orderer; ``False`` for anything that
-    does not parse or whose signature does not verify.
-    """
-    out = []
-    for raw in raws:
-        try:
-            Transaction.from_bytes(raw).verify_signature()
-        except TransactionRejected:
-            out.append(False)
-        else:
-            out.append(True)
-    return out
-
-
 def check_signed(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
     """Check ``(pub, sig, signing bytes)`` triples: the signature step of parsed transactions.
 
@@ -317,16 +304,11 @@ def check_signed(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
     """
     out = []
     for pub, sig, message in items:
-        key = _KEYS.get(pub)
-        if key is None:
-            try:
-                key = VerifyKey(pub)
-            except Exception:
-                out.append(False)
-                continue
-            if len(_KEYS) >= _KEYS_LIMIT:
-                _KEYS.clear()
-            _KEYS[pub] = key
+        try:
+            key = _verify_key(pub)
+        except Exception:
+            out.append(False)
+            continue
         out.append(key.is_valid(sig, message))
     return out
 
