@@ -364,6 +364,23 @@ class RemoteRecords(Protocol):
     ) -> tuple[bytes, bytes, bytes | None]: ...
 
 
+def _read_result(
+    rec: Mapping[str, Any], version: int, last_updated: int, plaintext: bytes | None
+) -> StoredRecord:
+    """What a read returns: the ledger entry ``rec``'s metadata and the decrypted resource
+    (None for a deleted version)."""
+    record = str(rec["id"])
+    return StoredRecord(
+        record,
+        str(rec["resource_type"]),
+        str(rec["patient"]),
+        str(rec["custodian"]),
+        version,
+        last_updated,
+        None if plaintext is None else _resource(plaintext, f"record {record}"),
+    )
+
+
 class RecordService:
     """Encrypted record writes, audited reads, erasure; one per node."""
 
@@ -1113,16 +1130,7 @@ class RecordService:
             plaintext = self._verify_and_decrypt(
                 caller.org, record, version, patient, served, commitment
             )
-        resource = None if plaintext is None else _resource(plaintext, f"record {record}")
-        return StoredRecord(
-            record,
-            str(rec["resource_type"]),
-            patient,
-            custodian,
-            version,
-            await self._committed_at(record, version),
-            resource,
-        )
+        return _read_result(rec, version, await self._committed_at(record, version), plaintext)
 
     async def _read(
         self,
@@ -1143,16 +1151,7 @@ class RecordService:
             str(rec["patient"]),
             (stored.ciphertext, stored.salt, wrapped),
         )
-        resource = None if plaintext is None else _resource(plaintext, f"record {rec['id']}")
-        return StoredRecord(
-            stored.record,
-            str(rec["resource_type"]),
-            str(rec["patient"]),
-            custodian,
-            version,
-            stored.last_updated,
-            resource,
-        )
+        return _read_result(rec, version, stored.last_updated, plaintext)
 
     def _raise_denied(self, decision: Decision, record: str | None = None) -> None:
         if decision.rule == "shredded" and record is not None:
@@ -1261,16 +1260,7 @@ class RecordService:
             (stored.ciphertext, stored.salt, wrapped),
             commitment,
         )
-        resource = None if plaintext is None else _resource(plaintext, f"record {record}")
-        return StoredRecord(
-            record,
-            str(rec["resource_type"]),
-            str(rec["patient"]),
-            custodian,
-            version,
-            stored.last_updated,
-            resource,
-        )
+        return _read_result(rec, version, stored.last_updated, plaintext)
 
     async def history(self, caller: Caller, record_id: str) -> list[StoredRecord]:
         """Every version of a record, oldest first, under one logged access decision."""
