@@ -280,6 +280,19 @@ def _check_page(offset: int, limit: int, tokens: Sequence[bytes], ids: Sequence[
         raise StorageError(f"search takes at most {MAX_TOKENS} tokens and {MAX_IDS} ids")
 
 
+def _staged_rows(
+    items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]], staged_at: int
+) -> list[tuple[Any, ...]]:
+    """The staging table rows of ``items`` (each checked first), for either backend."""
+    rows: list[tuple[Any, ...]] = []
+    for v, keys, index in items:
+        _check_version(v, keys, index)
+        rows.append(
+            (v.record, v.version, v.salt, v.patient, staged_at, _encode_staged(v, keys, index))
+        )
+    return rows
+
+
 def _encode_staged(v: RecordVersion, keys: Sequence[WrappedKey], index: IndexEntry) -> bytes:
     return encode(
         {
@@ -896,12 +909,7 @@ class SqliteRecordStore:
         items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]],
         staged_at: int,
     ) -> None:
-        rows = []
-        for v, keys, index in items:
-            _check_version(v, keys, index)
-            rows.append(
-                (v.record, v.version, v.salt, v.patient, staged_at, _encode_staged(v, keys, index))
-            )
+        rows = _staged_rows(items, staged_at)
         if not rows:
             return
 
@@ -1345,12 +1353,7 @@ class PostgresRecordStore:
         items: Sequence[tuple[RecordVersion, Sequence[WrappedKey], IndexEntry]],
         staged_at: int,
     ) -> None:
-        rows = []
-        for v, keys, index in items:
-            _check_version(v, keys, index)
-            rows.append(
-                (v.record, v.version, v.salt, v.patient, staged_at, _encode_staged(v, keys, index))
-            )
+        rows = _staged_rows(items, staged_at)
         if not rows:
             return
 
