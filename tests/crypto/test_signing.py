@@ -170,3 +170,61 @@ def test_sign_verify_property(seed: bytes, message: bytes) -> None:
     assert signature == key.sign(message)
     assert key.public.is_valid(signature, message)
     assert not key.public.is_valid(signature, message + b"\x00")
+
+
+# -- verification rules: libsodium's strict checks against pyca/OpenSSL's -------------------
+# Small-order points: the identity (y = 1) and the point of order 2 (y = -1).
+_IDENTITY = bytes([1]) + bytes(31)
+_ORDER_2 = bytes.fromhex("ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f")
+
+
+@pytest.mark.parametrize("point", [_IDENTITY, _ORDER_2], ids=["identity", "order-2"])
+def test_small_order_public_key_is_refused(point: bytes) -> None:
+    with pytest.raises(CryptoError):
+        VerifyKey(point)
+
+
+def test_signature_openssl_accepts_under_a_small_order_key_is_refused() -> None:
+    # R = identity, S = 0: [S]B == R + [k]A holds for A = identity, whatever the
+    # message. OpenSSL (pyca) accepts this "signature"; medledger's verifier refuses
+    # the key, and the signature check alone (if the key were forced in) as well.
+    from cryptography.hazmat.primitives.asymmetric import ed25519 as pyca_ed25519
+
+    forged = _IDENTITY + bytes(32)
+    pyca_ed25519.Ed25519PublicKey.from_public_bytes(_IDENTITY).verify(forged, b"any message")
+    with pytest.raises(CryptoError):
+        VerifyKey(_IDENTITY)
+    import nacl.bindings
+    import nacl.exceptions
+
+    with pytest.raises(nacl.exceptions.BadSignatureError):
+        nacl.bindings.crypto_sign_open(forged + b"any message", _IDENTITY)
+
+
+def test_non_canonical_public_key_encoding_is_refused() -> None:
+    # y = p + 1 encodes the identity non-canonically (y >= p)
+    p_plus_1 = (2**255 - 19 + 1).to_bytes(32, "little")
+    with pytest.raises(CryptoError):
+        VerifyKey(p_plus_1)
+
+
+@given(seed=st.binary(min_size=32, max_size=32), message=st.binary(max_size=300))
+@settings(max_examples=60, deadline=None)
+def test_verifier_agrees_with_pyca_on_honest_and_damaged_signatures(
+    seed: bytes, message: bytes
+) -> None:
+    # The reference: pyca/cryptography (OpenSSL) on the same bytes.
+    from cryptography.exceptions import InvalidSignature as PycaInvalid
+    from cryptography.hazmat.primitives.asymmetric import ed25519 as pyca_ed25519
+
+    key = SigningKey.from_seed(seed)
+    ref = pyca_ed25519.Ed25519PublicKey.from_public_bytes(key.public.raw)
+    sig = key.sign(message)
+    ref.verify(sig, message)
+    assert key.public.is_valid(sig, message)
+    damaged = bytearray(sig)
+    damaged[len(message) % 64] ^= 0x10
+    with pytest.raises(PycaInvalid):
+        ref.verify(bytes(damaged), message)
+    assert not key.public.is_valid(bytes(damaged), message)
+    assert not key.public.is_valid(sig, message + b"\x00")
