@@ -87,47 +87,53 @@ PAGE = 5000
 
 _TX_COLS = "idx, tx_id, height, raw, receipt"
 
-# Session-local staging tables for the bulk upserts, created by a session's first
-# commit (so read-only users never make them) and emptied by every commit that used
-# them (a transaction that did not touch them does not pay for that).
+# A session-local staging table for a commit's writes, created by a session's first
+# commit (so read-only users never make it) and emptied by every commit that used it
+# (a transaction that did not touch it does not pay for that). A commit sends its
+# transactions with one COPY straight into ledger_txs, every other row with one COPY
+# into the staging table (``t`` says which table a row is for), and applies them all
+# with ONE statement: five round trips per commit (BEGIN, two COPYs, the statement,
+# COMMIT) whatever the number of blocks and tables.
 _STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS ledger_stage_tree (id BIGINT NOT NULL, hash BYTEA NOT NULL)
-    ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS ledger_stage_state (k BYTEA NOT NULL, v BYTEA NOT NULL)
-    ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS ledger_stage_smt (k BYTEA NOT NULL, v BYTEA NOT NULL)
-    ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS ledger_stage (
+    t SMALLINT NOT NULL, id BIGINT, k BYTEA, v BYTEA) ON COMMIT DELETE ROWS;
+"""
+_ST_TREE, _ST_STATE, _ST_SMT, _ST_STATE_DEL, _ST_SMT_DEL, _ST_BLOCK, _ST_CHECKPOINT, _ST_META = (
+    range(8)
+)
+_COPY_STAGE = "COPY pg_temp.ledger_stage(t, id, k, v) FROM STDIN (FORMAT BINARY)"
+_STAGE_TYPES = ("int2", "int8", "bytea", "bytea")
+# Every data-modifying WITH clause runs (referenced or not) against the same snapshot;
+# a commit never both writes and deletes one key (the writes are merged per key first).
+# The upserts mirror SQLite's INSERT OR REPLACE; a block height already present fails.
+_APPLY_STAGE = f"""
+WITH
+  blocks AS (INSERT INTO ledger_blocks(height, header, sig)
+    SELECT id, k, v FROM pg_temp.ledger_stage WHERE t = {_ST_BLOCK}),
+  tree AS (INSERT INTO ledger_tree(id, hash)
+    SELECT id, v FROM pg_temp.ledger_stage WHERE t = {_ST_TREE}
+    ON CONFLICT (id) DO UPDATE SET hash = EXCLUDED.hash),
+  state AS (INSERT INTO ledger_state(k, v)
+    SELECT k, v FROM pg_temp.ledger_stage WHERE t = {_ST_STATE}
+    ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v),
+  smt AS (INSERT INTO ledger_smt(k, v)
+    SELECT k, v FROM pg_temp.ledger_stage WHERE t = {_ST_SMT}
+    ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v),
+  state_del AS (DELETE FROM ledger_state
+    WHERE k IN (SELECT k FROM pg_temp.ledger_stage WHERE t = {_ST_STATE_DEL})),
+  smt_del AS (DELETE FROM ledger_smt
+    WHERE k IN (SELECT k FROM pg_temp.ledger_stage WHERE t = {_ST_SMT_DEL})),
+  checkpoints AS (INSERT INTO ledger_checkpoints(height, note)
+    SELECT id, convert_from(v, 'UTF8') FROM pg_temp.ledger_stage WHERE t = {_ST_CHECKPOINT}
+    ON CONFLICT (height) DO UPDATE SET note = EXCLUDED.note),
+  meta AS (INSERT INTO ledger_meta(k, v)
+    SELECT convert_from(k, 'UTF8'), v FROM pg_temp.ledger_stage WHERE t = {_ST_META}
+    ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v)
+SELECT 1
 """
 
-_INSERT_BLOCK = "INSERT INTO ledger_blocks(height, header, sig) VALUES (%s, %s, %s)"
 _COPY_TXS = f"COPY ledger_txs({_TX_COLS}) FROM STDIN (FORMAT BINARY)"
 _TX_TYPES = ("int8", "bytea", "int8", "bytea", "bytea")
-_KV_TYPES = ("bytea", "bytea")
-_TREE_TYPES = ("int8", "bytea")
-
-#: (copy into staging, upsert from staging) per table; the upserts mirror SQLite's
-#: INSERT OR REPLACE
-_STAGED = {
-    "tree": (
-        "COPY pg_temp.ledger_stage_tree(id, hash) FROM STDIN (FORMAT BINARY)",
-        "INSERT INTO ledger_tree(id, hash) SELECT id, hash FROM pg_temp.ledger_stage_tree "
-        "ON CONFLICT (id) DO UPDATE SET hash = EXCLUDED.hash",
-    ),
-    "state": (
-        "COPY pg_temp.ledger_stage_state(k, v) FROM STDIN (FORMAT BINARY)",
-        "INSERT INTO ledger_state(k, v) SELECT k, v FROM pg_temp.ledger_stage_state "
-        "ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
-    ),
-    "smt": (
-        "COPY pg_temp.ledger_stage_smt(k, v) FROM STDIN (FORMAT BINARY)",
-        "INSERT INTO ledger_smt(k, v) SELECT k, v FROM pg_temp.ledger_stage_smt "
-        "ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
-    ),
-}
-_DELETE = {
-    "state": "DELETE FROM ledger_state WHERE k = ANY(%s::bytea[])",
-    "smt": "DELETE FROM ledger_smt WHERE k = ANY(%s::bytea[])",
-}
 _UPSERT_META = (
     "INSERT INTO ledger_meta(k, v) VALUES (%s, %s) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
 )
@@ -538,19 +544,24 @@ class PostgresStore:
             state_changes.update(w.state_changes)
             smt_writes.update(w.smt_writes)
             tx_rows.extend((t.index, t.tx_id, t.height, t.raw, t.receipt) for t in w.txs)
-        block_rows = [(w.block.height, w.block.header, w.block.sig) for w in blocks]
-        checkpoints = [(w.block.height, w.checkpoint) for w in blocks if w.checkpoint is not None]
-        staged: list[tuple[str, Sequence[str], list[tuple[object, ...]]]] = []
-        deletes: list[tuple[str, list[bytes]]] = []
-        if tree:
-            staged.append(("tree", _TREE_TYPES, list(tree.items())))
-        for name, changes in (("state", state_changes), ("smt", smt_writes)):
-            puts: list[tuple[object, ...]] = [(k, v) for k, v in changes.items() if v is not None]
-            dels = [k for k, v in changes.items() if v is None]
-            if puts:
-                staged.append((name, _KV_TYPES, puts))
-            if dels:
-                deletes.append((_DELETE[name], dels))
+        stage: list[tuple[object, ...]] = [
+            (_ST_BLOCK, w.block.height, w.block.header, w.block.sig) for w in blocks
+        ]
+        stage.extend((_ST_TREE, i, None, h) for i, h in tree.items())
+        for put, delete, changes in (
+            (_ST_STATE, _ST_STATE_DEL, state_changes),
+            (_ST_SMT, _ST_SMT_DEL, smt_writes),
+        ):
+            stage.extend(
+                (put, None, k, v) if v is not None else (delete, None, k, None)
+                for k, v in changes.items()
+            )
+        stage.extend(
+            (_ST_CHECKPOINT, w.block.height, None, w.checkpoint.encode("utf-8"))
+            for w in blocks
+            if w.checkpoint is not None
+        )
+        stage.extend((_ST_META, None, k.encode("utf-8"), v) for k, v in (meta or {}).items())
         for w in blocks:
             self._will_store("txs", (t.tx_id for t in w.txs))
         self._will_store("state", (k for k, v in state_changes.items() if v is not None))
@@ -559,22 +570,10 @@ class PostgresStore:
         heights = f"{first_height}..{last.height}" if len(blocks) > 1 else str(last.height)
 
         def write(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
-            if len(block_rows) == 1:
-                cur.execute(_INSERT_BLOCK, block_rows[0])
-            else:
-                cur.executemany(_INSERT_BLOCK, block_rows)
             if tx_rows:
                 _copy(cur, _COPY_TXS, _TX_TYPES, tx_rows)
-            for name, types, rows in staged:
-                copy_sql, upsert_sql = _STAGED[name]
-                _copy(cur, copy_sql, types, rows)
-                cur.execute(upsert_sql)
-            for delete_sql, keys in deletes:
-                cur.execute(delete_sql, (keys,))
-            for row in checkpoints:
-                cur.execute(_UPSERT_CHECKPOINT, row)
-            for k, v in (meta or {}).items():
-                cur.execute(_UPSERT_META, (k, v))
+            _copy(cur, _COPY_STAGE, _STAGE_TYPES, stage)
+            cur.execute(_APPLY_STAGE, prepare=True)
 
         for attempt in (0, 1):
             conn = self._conn()
