@@ -225,6 +225,13 @@ async def run_paced(
     }
 
 
+async def head_height(layout: dict[str, Any]) -> int:
+    """The first node's head height."""
+    async with httpx.AsyncClient(timeout=10) as http:
+        h: int = (await http.get(layout["nodes"][0]["peer"] + "/health")).json()["height"]
+        return h
+
+
 async def heads(layout: dict[str, Any]) -> set[tuple[int, str, str]]:
     async with httpx.AsyncClient(timeout=10) as http:
         out = set()
@@ -259,6 +266,9 @@ def main() -> None:
         "default 0,2000)",
     )
     parser.add_argument("--rate-batch", type=int, default=20, help="batch size for (c)")
+    parser.add_argument(
+        "--rate-seconds", type=float, default=0, help="seconds per offered load (default 2x (a))"
+    )
     parser.add_argument(
         "--orderer-option",
         action="append",
@@ -302,15 +312,27 @@ def main() -> None:
             seconds = 1.5 if args.quick else 3.0
             seq = asyncio.run(etcd_puts(port, seconds, 1))
             par = asyncio.run(etcd_puts(port, seconds, 64))
+            h0 = asyncio.run(head_height(layout))
             res = asyncio.run(run_load(layout, keys, per_client, args.batch))
+            h1 = asyncio.run(head_height(layout))
+            res["blocks"] = h1 - h0
             paced = []
             next_seq = per_client + 1
             for rate in rates:
                 rate = rate or round(res["tx_s"] / 2, -1)
                 got = asyncio.run(
-                    run_paced(layout, keys, rate, seconds * 2, args.rate_batch, next_seq)
+                    run_paced(
+                        layout,
+                        keys,
+                        rate,
+                        args.rate_seconds or seconds * 2,
+                        args.rate_batch,
+                        next_seq,
+                    )
                 )
                 next_seq += int(got["per_client"])
+                h2 = asyncio.run(head_height(layout))
+                got["blocks"], h1 = h2 - h1, h2
                 paced.append(got)
             height, log_root, state_root = asyncio.run(converge(layout))
         finally:
@@ -331,12 +353,16 @@ def main() -> None:
     print(f"{'  commit latency p50 / p99 at saturation (ms)':<44}", end="")
     print(f"{res['p50_ms']:>7.0f} /{res['p99_ms']:>5.0f}")
     print(f"{'  transactions':<44}{res['txs']:>14,}")
+    print(f"{'  blocks (mean transactions per block)':<44}", end="")
+    print(f"{res['blocks']:>7,} /{res['txs'] / max(1, res['blocks']):>5.0f}")
     for got in paced:
         offered = f"offered load (tx/s, batches of {args.rate_batch})"
         print(f"{offered:<44}{got['offered']:>14,.0f}")
         print(f"{'  committed transactions/s':<44}{got['tx_s']:>14,.0f}")
         print(f"{'  commit latency p50 / p99 (ms)':<44}", end="")
         print(f"{got['p50_ms']:>7.0f} /{got['p99_ms']:>5.0f}")
+        print(f"{'  blocks (mean transactions per block)':<44}", end="")
+        print(f"{got['blocks']:>7,} /{got['txs'] / max(1, got['blocks']):>5.0f}")
     print(f"{'final height (identical on all nodes)':<44}{height:>14,}")
     print(f"log root {log_root[:16]}…, state root {state_root[:16]}…")
 
