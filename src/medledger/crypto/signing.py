@@ -44,6 +44,12 @@ KEY_ID_SIZE = 16
 _KID_DOMAIN = b"medledger/key-id/v1"
 
 
+#: raw public keys already checked (the subgroup check costs about as much as a
+#: verification): raw key -> key id; public data, bounded
+_CHECKED: dict[bytes, bytes] = {}
+_CHECKED_LIMIT = 100_000
+
+
 def key_id(alg: int, public_bytes: bytes) -> bytes:
     """The stable 16-byte id of a public key."""
     return sha256(_KID_DOMAIN, bytes([alg]), public_bytes)[:KEY_ID_SIZE]
@@ -58,10 +64,16 @@ class VerifyKey:
         if not isinstance(raw, (bytes, bytearray)) or len(raw) != 32:
             raise CryptoError("an Ed25519 public key is 32 bytes")
         self.raw = bytes(raw)
-        # canonical, on the curve, in the prime-order subgroup, not of small order
-        if not nacl.bindings.crypto_core_ed25519_is_valid_point(self.raw):
-            raise CryptoError("invalid Ed25519 public key")
-        self.key_id = key_id(ALG_ED25519, self.raw)
+        kid = _CHECKED.get(self.raw)
+        if kid is None:
+            # canonical, on the curve, in the prime-order subgroup, not of small order
+            if not nacl.bindings.crypto_core_ed25519_is_valid_point(self.raw):
+                raise CryptoError("invalid Ed25519 public key")
+            kid = key_id(ALG_ED25519, self.raw)
+            if len(_CHECKED) >= _CHECKED_LIMIT:
+                _CHECKED.clear()
+            _CHECKED[self.raw] = kid
+        self.key_id = kid
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise :class:`InvalidSignature` unless ``signature`` signs ``message``."""

@@ -208,7 +208,7 @@ class Transaction:
         """Raise :class:`BadTransactionSignature` unless the signature is valid."""
         key = self._key
         try:
-            (key or VerifyKey(self.pub)).verify(self.sig, self.signing_bytes())
+            (key or _verify_key(self.pub)).verify(self.sig, self.signing_bytes())
         except InvalidSignature:
             raise BadTransactionSignature(
                 f"signature of transaction {self.tx_id.hex()} does not verify"
