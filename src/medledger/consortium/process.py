@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -432,6 +433,14 @@ async def run_node(cfg: NodeConfig) -> int:
     proc = NodeProcess(cfg)
     try:
         await proc.open()
+        # A long-running server: everything loaded so far (models, apps, the
+        # genesis state) stays for the life of the process, so take it out of
+        # the cyclic collector's sight, and collect less often. With the default
+        # settings a node under load paid 0.4-0.7 s per half minute in collections
+        # and stalled 55-160 ms in each full one (every ~10 s); nothing here relies
+        # on prompt cycle collection (memory is freed by reference counting).
+        gc.freeze()
+        gc.set_threshold(10_000, 10, 10)
         await proc.run(stop)
     finally:
         await proc.close()
