@@ -1030,7 +1030,16 @@ class EtcdOrderer:
         txs: list[Transaction] = []
         positions: list[int] = []
         malformed: dict[int, TransactionRejected] = {}
+        # This node's own proposal: its transactions were parsed when submitted, from
+        # the very bytes the proposal carries (checked one by one); others are parsed.
+        mine = self._inflight.get(event.key)
+        if mine is not None and len(mine) != len(p.txs):
+            mine = None
         for i, raw in enumerate(p.txs):
+            if mine is not None and mine[i].tx.raw == raw:
+                txs.append(mine[i].tx)
+                positions.append(i)
+                continue
             try:
                 txs.append(Transaction.from_bytes(raw))
                 positions.append(i)
