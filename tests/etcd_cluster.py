@@ -32,6 +32,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -39,6 +40,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tls_files import TLSFiles
 
 __all__ = ["ETCD_BIN", "EtcdCluster", "EtcdMember", "free_port"]
 
@@ -67,6 +72,11 @@ class EtcdMember:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    tls: TLSFiles | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls is None else "https"
 
     @property
     def endpoint(self) -> str:
@@ -74,7 +84,7 @@ class EtcdMember:
 
     @property
     def peer_url(self) -> str:
-        return f"http://127.0.0.1:{self.peer_port}"
+        return f"{self.scheme}://127.0.0.1:{self.peer_port}"
 
     @property
     def running(self) -> bool:
@@ -84,9 +94,13 @@ class EtcdMember:
         """True when the member answers /health with a leader in sight."""
         if not self.running:
             return False
-        url = f"http://{self.endpoint}/health"
+        url = f"{self.scheme}://{self.endpoint}/health"
+        context = None
+        if self.tls is not None:
+            context = ssl.create_default_context(cafile=str(self.tls.ca))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:
+            with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
                 body = json.loads(resp.read() or b"{}")
         except (OSError, urllib.error.URLError, ValueError):
             return False
@@ -104,6 +118,7 @@ class EtcdCluster:
         token: str | None = None,
         heartbeat_ms: int = 100,
         election_ms: int = 1000,
+        tls: TLSFiles | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
@@ -124,9 +139,11 @@ class EtcdCluster:
                     peer_port=peer,
                     data_dir=self.base_dir / f"{name}.etcd",
                     log_path=self.base_dir / f"{name}.log",
+                    tls=tls,
                 )
             )
         self._started_once = [False] * size
+        self.tls = tls
 
     @staticmethod
     def _two_ports(used: set[int]) -> tuple[int, int]:
@@ -146,8 +163,8 @@ class EtcdCluster:
 
     @property
     def url(self) -> str:
-        """The orderer URL medledger takes: ``etcd://host:port,host:port,...``."""
-        return "etcd://" + ",".join(self.endpoints)
+        """The orderer URL medledger takes: ``etcd://host:port,...`` (``etcds://`` with TLS)."""
+        return ("etcd://" if self.tls is None else "etcds://") + ",".join(self.endpoints)
 
     @property
     def initial_cluster(self) -> str:
@@ -162,9 +179,9 @@ class EtcdCluster:
             "--data-dir",
             str(m.data_dir),
             "--listen-client-urls",
-            f"http://{m.endpoint}",
+            f"{m.scheme}://{m.endpoint}",
             "--advertise-client-urls",
-            f"http://{m.endpoint}",
+            f"{m.scheme}://{m.endpoint}",
             "--listen-peer-urls",
             m.peer_url,
             "--initial-advertise-peer-urls",
@@ -183,6 +200,20 @@ class EtcdCluster:
             "zap",
             "--log-level",
             "warn",
+            *self._tls_flags(),
+        ]
+
+    def _tls_flags(self) -> list[str]:
+        """Mutual TLS on client and peer traffic (one certificate serves both here)."""
+        t = self.tls
+        if t is None:
+            return []
+        cert, key, ca = str(t.server_cert), str(t.server_key), str(t.ca)
+        return [
+            *("--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca),
+            "--client-cert-auth",
+            *("--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca),
+            "--peer-client-cert-auth",
         ]
 
     def start_member(self, i: int) -> None:

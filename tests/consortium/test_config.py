@@ -143,3 +143,27 @@ def test_orderer_options_and_a_disabled_api_round_trip(tmp_path: Path) -> None:
     assert back.api == cfg.api and dict(back.orderer_options) == dict(cfg.orderer_options)
     with pytest.raises(ConfigError, match=r"orderer_options\.x"):
         load_config(write(tmp_path, EXAMPLE + "\n[orderer_options]\nx = [1]\n"))
+
+
+def test_etcd_tls_options_resolve_relative_to_the_file_and_are_checked(tmp_path: Path) -> None:
+    tls = EXAMPLE.replace('orderer = "etcd://', 'orderer = "etcds://') + (
+        '\n[orderer_options]\ntls_ca = "tls/etcd-ca.pem"\n'
+        'tls_cert = "tls/etcd.pem"\ntls_key = "/abs/etcd-key.pem"\n'
+    )
+    cfg = load_config(write(tmp_path, tls))
+    assert cfg.orderer.startswith("etcds://")
+    assert cfg.orderer_options["tls_ca"] == str(tmp_path / "tls" / "etcd-ca.pem")
+    assert cfg.orderer_options["tls_cert"] == str(tmp_path / "tls" / "etcd.pem")
+    assert cfg.orderer_options["tls_key"] == "/abs/etcd-key.pem"
+    again = tmp_path / "b" / "node.toml"
+    again.parent.mkdir()
+    again.write_text(dump_config(cfg))
+    assert dict(load_config(again).orderer_options) == dict(cfg.orderer_options)
+    with pytest.raises(ConfigError, match="needs etcds://"):
+        load_config(write(tmp_path, EXAMPLE + '\n[orderer_options]\ntls_ca = "ca.pem"\n'))
+    no_ca = EXAMPLE.replace('orderer = "etcd://', 'orderer = "etcds://')
+    with pytest.raises(ConfigError, match="tls_ca"):
+        load_config(write(tmp_path, no_ca))
+    half = no_ca + '\n[orderer_options]\ntls_ca = "ca.pem"\ntls_cert = "c.pem"\n'
+    with pytest.raises(ConfigError, match="go together"):
+        load_config(write(tmp_path, half))

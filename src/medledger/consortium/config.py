@@ -28,6 +28,11 @@ Example::
 
     [orderer_options]                  # passed to the orderer (medledger.orderer.etcd)
     compact_interval = 60.0
+    # with orderer = "etcds://...": TLS to etcd (PEM files; cert and key for
+    # members started with --client-cert-auth)
+    # tls_ca = "/etc/medledger/etcd-ca.pem"
+    # tls_cert = "/etc/medledger/etcd-client.pem"
+    # tls_key = "/etc/medledger/etcd-client-key.pem"
 
     [[peers]]
     org = "org-2"
@@ -256,9 +261,12 @@ def _gossip(doc: object) -> GossipConfig:
     return GossipConfig(**values)
 
 
-def _orderer_options(doc: object) -> dict[str, Any]:
+_ORDERER_TLS = ("tls_ca", "tls_cert", "tls_key")
+
+
+def _orderer_options(doc: object, base: Path, scheme: str) -> dict[str, Any]:
     if doc is None:
-        return {}
+        doc = {}
     if not isinstance(doc, Mapping):
         raise ConfigError("[orderer_options] must be a table")
     out: dict[str, Any] = {}
@@ -266,6 +274,20 @@ def _orderer_options(doc: object) -> dict[str, Any]:
         if not isinstance(value, (bool, int, float, str)):
             raise ConfigError(f"orderer_options.{name} must be a number, string or boolean")
         out[str(name)] = value
+    for name in _ORDERER_TLS:
+        if name in out:
+            path = _opt_path(out, name, base, f"orderer_options.{name}")
+            if path is None:
+                del out[name]
+            else:
+                out[name] = str(path)
+    tls = [n for n in _ORDERER_TLS if n in out]
+    if scheme != "etcds" and tls:
+        raise ConfigError(f"orderer_options {', '.join(tls)}: TLS to etcd needs etcds://")
+    if scheme == "etcds" and "tls_ca" not in out:
+        raise ConfigError("orderer etcds:// needs orderer_options.tls_ca (the etcd CA, PEM)")
+    if ("tls_cert" in out) != ("tls_key" in out):
+        raise ConfigError("orderer_options.tls_cert and tls_key go together")
     return out
 
 
@@ -320,7 +342,7 @@ def parse_config(doc: Mapping[str, Any], *, base: Path, path: Path | None = None
         peer=peer,
         peers=_peers(doc.get("peers"), org),
         gossip=_gossip(doc.get("gossip")),
-        orderer_options=_orderer_options(doc.get("orderer_options")),
+        orderer_options=_orderer_options(doc.get("orderer_options"), base, scheme),
         path=path,
     )
 

@@ -95,7 +95,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aetcd
+import grpc
 from aetcd import rpc as etcd_rpc
+from aetcd import watcher as etcd_watcher
 
 from medledger.contracts.base import get_obj
 from medledger.contracts.core import k_key, k_org, k_principal
@@ -123,6 +125,7 @@ __all__ = [
     "PROPOSAL_DOMAIN",
     "CatchUpRequired",
     "EtcdOrderer",
+    "EtcdTLS",
     "InvalidProposal",
     "Proposal",
     "check_proposal",
@@ -347,12 +350,91 @@ def read_position(store: LedgerStore) -> tuple[int, int] | None:
 _TRANSIENT = (aetcd.ClientError, asyncio.TimeoutError, OSError)
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdTLS:
+    """TLS to etcd (``etcds://``): the CA that signed the members' certificates and,
+    for etcd's ``--client-cert-auth``, this node's client certificate and key (PEM).
+
+    The members' certificates must name the endpoint hosts (IP or DNS SAN).
+    """
+
+    ca: bytes
+    cert: bytes | None = field(default=None, repr=False)
+    key: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("an etcd client certificate needs its key, and the other way round")
+
+    @classmethod
+    def from_files(
+        cls, ca: str | os.PathLike[str], cert: str | None = None, key: str | None = None
+    ) -> EtcdTLS:
+        def read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+            if path is None:
+                return None
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except OSError as exc:
+                raise ValueError(f"cannot read the etcd TLS {what} {path}: {exc}") from exc
+
+        got = read(ca, "CA certificate")
+        assert got is not None
+        return cls(got, read(cert, "client certificate"), read(key, "client key"))
+
+
+class _TLSClient(aetcd.Client):  # type: ignore[misc]
+    """An aetcd client on a TLS channel (aetcd itself only opens plaintext channels).
+
+    ``connect`` is aetcd 1.0's own, with ``secure_channel`` in place of
+    ``insecure_channel`` (no etcd user/password: members authenticate clients by
+    certificate).
+    """
+
+    def __init__(self, tls: EtcdTLS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+        )
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            target = f"{self._host}:{self._port}"
+            self.channel = etcd_rpc.secure_channel(
+                target, self._credentials, options=self._options.items()
+            )
+            self.kvstub = etcd_rpc.KVStub(self.channel)
+            self.clusterstub = etcd_rpc.ClusterStub(self.channel)
+            self.leasestub = etcd_rpc.LeaseStub(self.channel)
+            self.maintenancestub = etcd_rpc.MaintenanceStub(self.channel)
+            self._watcher = etcd_watcher.Watcher(
+                etcd_rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 class _Conn:
     """One aetcd client at a time, moving to the next endpoint after a failure."""
 
-    def __init__(self, endpoints: Sequence[tuple[str, int]], timeout: float, start: int = 0):
+    def __init__(
+        self,
+        endpoints: Sequence[tuple[str, int]],
+        timeout: float,
+        start: int = 0,
+        tls: EtcdTLS | None = None,
+    ):
         self.endpoints = list(endpoints)
         self.timeout = timeout
+        self.tls = tls
         self._i = start % len(self.endpoints)
         self._client: Any = None
 
@@ -364,7 +446,10 @@ class _Conn:
     async def client(self) -> Any:
         if self._client is None:
             host, port = self.endpoints[self._i]
-            client = aetcd.Client(host=host, port=port, timeout=self.timeout)
+            if self.tls is None:
+                client = aetcd.Client(host=host, port=port, timeout=self.timeout)
+            else:
+                client = _TLSClient(self.tls, host=host, port=port, timeout=self.timeout)
             await client.connect()
             self._client = client
         return self._client
@@ -452,7 +537,8 @@ class EtcdOrderer:
     when called); ``max_pending`` proposals of this node landed in etcd but not yet
     applied here before it waits (1: the largest blocks, the fewest per second);
     ``max_group`` blocks at most committed in one store transaction (group commit of
-    the proposals that arrived while the previous group committed; 1: one at a time).
+    the proposals that arrived while the previous group committed; 1: one at a time);
+    ``tls`` an :class:`EtcdTLS` to reach etcd over TLS (``etcds://``).
     """
 
     def __init__(
@@ -474,6 +560,7 @@ class EtcdOrderer:
         compact_interval: float | None = 60.0,
         max_pending: int = 1,
         max_group: int = 8,
+        tls: EtcdTLS | None = None,
     ) -> None:
         if not endpoints:
             raise ValueError("the etcd orderer needs at least one endpoint")
@@ -502,9 +589,9 @@ class EtcdOrderer:
         self._max_group = max(1, max_group)
         self._pool: ProcessPoolExecutor | None = None
         # connections: writes and reads; the watch stream has its own
-        self._conn = _Conn(endpoints, request_timeout)
-        self._watch_conn = _Conn(endpoints, request_timeout)
-        self._aux_conn = _Conn(endpoints, request_timeout)  # applied records, compaction
+        self._conn = _Conn(endpoints, request_timeout, tls=tls)
+        self._watch_conn = _Conn(endpoints, request_timeout, tls=tls)
+        self._aux_conn = _Conn(endpoints, request_timeout, tls=tls)  # applied, compaction
 
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         # submit deadlines in submission order (the timeout is fixed, so this is also
