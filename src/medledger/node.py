@@ -104,24 +104,34 @@ class _ReadCache:
 
     The node's storage thread is the only writer, so the cache is updated with a
     block's changes right after that block commits, and is never stale. It is
-    bounded: when full it is simply cleared.
+    bounded, in two generations per table: new entries (reads, commits) go to the
+    young one; when that holds ``limit / 2`` entries it becomes the old one and the
+    previous old one is dropped. A hit in the old generation moves the entry back
+    to the young one, so what is read again and again (signers' keys, sequence
+    numbers, the upper levels of the state tree) survives a turnover instead of
+    being re-read from the store after a clear-all. Lookups try the young
+    generation first, and every write goes there, so the newest value wins.
     """
 
     def __init__(self, store: LedgerStore, limit: int = 500_000) -> None:
         self.store = store
-        self.limit = limit
+        self.half = max(1, limit // 2)
         self.rows: dict[bytes, bytes | None] = {}
+        self.old_rows: dict[bytes, bytes | None] = {}
         self.nodes: dict[bytes, bytes | None] = {}
+        self.old_nodes: dict[bytes, bytes | None] = {}
 
     def get(self, key: bytes) -> bytes | None:
         try:
             return self.rows[key]
         except KeyError:
-            value = self.store.get(key)
-            if len(self.rows) >= self.limit:
-                self.rows.clear()
-            self.rows[key] = value
-            return value
+            pass
+        old = self.old_rows
+        value = old[key] if key in old else self.store.get(key)
+        if len(self.rows) >= self.half:
+            self.old_rows, self.rows = self.rows, {}
+        self.rows[key] = value
+        return value
 
     def scan(
         self, prefix: bytes, *, start: bytes | None = None, limit: int | None = None
@@ -132,11 +142,13 @@ class _ReadCache:
         try:
             return self.nodes[node_key]
         except KeyError:
-            value = self.store.get_node(node_key)
-            if len(self.nodes) >= self.limit:
-                self.nodes.clear()
-            self.nodes[node_key] = value
-            return value
+            pass
+        old = self.old_nodes
+        value = old[node_key] if node_key in old else self.store.get_node(node_key)
+        if len(self.nodes) >= self.half:
+            self.old_nodes, self.nodes = self.nodes, {}
+        self.nodes[node_key] = value
+        return value
 
     def has_tx(self, tx_id: bytes) -> bool:
         return self.store.has_tx(tx_id)
@@ -148,7 +160,11 @@ class _ReadCache:
         self, rows: Mapping[bytes, bytes | None], nodes: Mapping[bytes, bytes | None]
     ) -> None:
         self.rows.update(rows)
+        if len(self.rows) >= self.half:
+            self.old_rows, self.rows = self.rows, {}
         self.nodes.update(nodes)
+        if len(self.nodes) >= self.half:
+            self.old_nodes, self.nodes = self.nodes, {}
 
 
 class _PendingView:
