@@ -88,3 +88,67 @@ async def test_a_node_process_serves_halts_and_stops(tmp_path: Path) -> None:
         await runner
         await proc.close()
     assert proc.monitor.phase == "stopping"
+
+
+async def test_a_node_process_orders_through_etcd_over_tls(tmp_path: Path) -> None:
+    # node.toml with orderer = "etcds://..." and the TLS files under [orderer_options],
+    # written and read back as a file, against a 1-member etcd that requires client
+    # certificates: the node process starts, commits and serves over TLS to etcd.
+    from dataclasses import replace
+
+    from etcd_cluster import EtcdCluster
+    from medledger.consortium.config import dump_config, load_config
+    from tls_files import make_tls_files
+
+    tls = make_tls_files(tmp_path / "tls", "etcd")
+    with EtcdCluster(tmp_path / "etcd", size=1, tls=tls) as etcd:
+        base = await make_config(tmp_path)
+        path = tmp_path / "node.toml"
+        path.write_text(
+            dump_config(
+                replace(
+                    base,
+                    orderer=etcd.url,
+                    orderer_options={
+                        "tls_ca": "tls/etcd-ca.pem",  # relative to node.toml
+                        "tls_cert": str(tls.client_cert),
+                        "tls_key": str(tls.client_key),
+                    },
+                )
+            )
+        )
+        cfg = load_config(path)
+        assert cfg.orderer.startswith("etcds://")
+        proc = NodeProcess(cfg)
+        await proc.open()
+        stop = asyncio.Event()
+        runner = asyncio.create_task(proc.run(stop))
+        try:
+            async with httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http:
+                health = None
+                for _ in range(200):
+                    try:
+                        health = (await http.get("/health")).json()
+                        if health["phase"] == "serving":
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    await asyncio.sleep(0.05)
+                assert health is not None and health["phase"] == "serving"
+                assert health["orderer"]["running"]
+                admin = DataDir(cfg.data_dir).identity("admin-org-1").signing
+                tx = make_tx(
+                    admin,
+                    cfg.network,
+                    "note.anchor",
+                    {"digest": hashlib.sha256(b"tls").digest()},
+                    seq=1,
+                    time=int(time.time() * 1000),
+                )
+                body = encode([tx.raw])
+                (res,) = decode((await http.post("/ledger/v1/txs", content=body)).content)
+                assert res["ok"] and res["height"] == 1
+        finally:
+            stop.set()
+            await runner
+            await proc.close()
