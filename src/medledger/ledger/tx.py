@@ -54,22 +54,6 @@ MAX_TX_BYTES = 256 * 1024
 _FIELDS = frozenset({"v", "net", "type", "payload", "signer", "pub", "seq", "time", "sig"})
 _MAX_TYPE_LEN = 64
 
-#: Parsed public keys by their bytes: a network has few signers, each signing many
-#: transactions, and a key object is immutable, so one is shared. Cleared when full.
-_KEYS: dict[bytes, VerifyKey] = {}
-_KEYS_LIMIT = 4096
-
-
-def _verify_key(pub: bytes) -> VerifyKey:
-    """The (shared) parsed key of ``pub``; raises whatever ``VerifyKey`` raises for bad bytes."""
-    key = _KEYS.get(pub)
-    if key is None:
-        key = VerifyKey(pub)
-        if len(_KEYS) >= _KEYS_LIMIT:
-            _KEYS.clear()
-        _KEYS[pub] = key
-    return key
-
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
@@ -91,7 +75,7 @@ class Transaction:
     _sig_at: int = field(default=-1, repr=False, compare=False)  # offset of "sig" in raw
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # The cached pyca key object does not pickle; rebuild without the caches.
+        # Send the value only; the parsing by-products are derived again on the other side.
         return (
             _rebuild,
             (
@@ -171,7 +155,7 @@ class Transaction:
         if not isinstance(sig, bytes) or len(sig) != 64:
             raise MalformedTransaction("sig must be a 64-byte Ed25519 signature")
         try:
-            key = _verify_key(pub)
+            key = VerifyKey(pub)
         except Exception as exc:
             raise MalformedTransaction("pub is not a valid Ed25519 public key") from exc
         if key.key_id != signer:
@@ -208,7 +192,7 @@ class Transaction:
         """Raise :class:`BadTransactionSignature` unless the signature is valid."""
         key = self._key
         try:
-            (key or _verify_key(self.pub)).verify(self.sig, self.signing_bytes())
+            (key or VerifyKey(self.pub)).verify(self.sig, self.signing_bytes())
         except InvalidSignature:
             raise BadTransactionSignature(
                 f"signature of transaction {self.tx_id.hex()} does not verify"
@@ -305,7 +289,7 @@ def check_signed(items: list[tuple[bytes, bytes, bytes]]) -> list[bool]:
     out = []
     for pub, sig, message in items:
         try:
-            key = _verify_key(pub)
+            key = VerifyKey(pub)
         except Exception:
             out.append(False)
             continue
