@@ -99,39 +99,65 @@ class InclusionProof:
         }
 
 
+class _Generations:
+    """A bounded read-through map in two generations.
+
+    New entries (loads, writes) go to the young generation; when that holds
+    ``half`` entries it becomes the old one and the previous old one is dropped.
+    A hit in the old generation moves the entry back to the young one, so what is
+    read again and again survives a turnover. Lookups try the young generation
+    first, and every write goes there, so the newest value wins.
+    """
+
+    __slots__ = ("half", "old", "young")
+
+    def __init__(self, half: int) -> None:
+        self.half = max(1, half)
+        self.young: dict[bytes, bytes | None] = {}
+        self.old: dict[bytes, bytes | None] = {}
+
+    def __len__(self) -> int:
+        """Entries in the young generation (the old one is at most ``half`` more)."""
+        return len(self.young)
+
+    def get(self, key: bytes, load: Callable[[bytes], bytes | None]) -> bytes | None:
+        try:
+            return self.young[key]
+        except KeyError:
+            pass
+        old = self.old
+        value = old[key] if key in old else load(key)
+        self._turn_if_full()
+        self.young[key] = value
+        return value
+
+    def update(self, changes: Mapping[bytes, bytes | None]) -> None:
+        self.young.update(changes)
+        self._turn_if_full()
+
+    def _turn_if_full(self) -> None:
+        if len(self.young) >= self.half:
+            self.old, self.young = self.young, {}
+
+
 class _ReadCache:
     """Read-through cache of committed state rows and state-tree nodes.
 
     The node's storage thread is the only writer, so the cache is updated with a
     block's changes right after that block commits, and is never stale. It is
-    bounded, in two generations per table: new entries (reads, commits) go to the
-    young one; when that holds ``limit / 2`` entries it becomes the old one and the
-    previous old one is dropped. A hit in the old generation moves the entry back
-    to the young one, so what is read again and again (signers' keys, sequence
-    numbers, the upper levels of the state tree) survives a turnover instead of
-    being re-read from the store after a clear-all. Lookups try the young
-    generation first, and every write goes there, so the newest value wins.
+    bounded, each table in two :class:`_Generations` of ``limit / 2`` entries, so
+    what is read again and again (signers' keys, sequence numbers, the upper
+    levels of the state tree) survives a turnover instead of being re-read from
+    the store after a clear-all.
     """
 
     def __init__(self, store: LedgerStore, limit: int = 500_000) -> None:
         self.store = store
-        self.half = max(1, limit // 2)
-        self.rows: dict[bytes, bytes | None] = {}
-        self.old_rows: dict[bytes, bytes | None] = {}
-        self.nodes: dict[bytes, bytes | None] = {}
-        self.old_nodes: dict[bytes, bytes | None] = {}
+        self.rows = _Generations(limit // 2)
+        self.nodes = _Generations(limit // 2)
 
     def get(self, key: bytes) -> bytes | None:
-        try:
-            return self.rows[key]
-        except KeyError:
-            pass
-        old = self.old_rows
-        value = old[key] if key in old else self.store.get(key)
-        if len(self.rows) >= self.half:
-            self.old_rows, self.rows = self.rows, {}
-        self.rows[key] = value
-        return value
+        return self.rows.get(key, self.store.get)
 
     def scan(
         self, prefix: bytes, *, start: bytes | None = None, limit: int | None = None
@@ -139,16 +165,7 @@ class _ReadCache:
         return self.store.scan(prefix, start=start, limit=limit)
 
     def get_node(self, node_key: bytes) -> bytes | None:
-        try:
-            return self.nodes[node_key]
-        except KeyError:
-            pass
-        old = self.old_nodes
-        value = old[node_key] if node_key in old else self.store.get_node(node_key)
-        if len(self.nodes) >= self.half:
-            self.old_nodes, self.nodes = self.nodes, {}
-        self.nodes[node_key] = value
-        return value
+        return self.nodes.get(node_key, self.store.get_node)
 
     def has_tx(self, tx_id: bytes) -> bool:
         return self.store.has_tx(tx_id)
@@ -160,11 +177,7 @@ class _ReadCache:
         self, rows: Mapping[bytes, bytes | None], nodes: Mapping[bytes, bytes | None]
     ) -> None:
         self.rows.update(rows)
-        if len(self.rows) >= self.half:
-            self.old_rows, self.rows = self.rows, {}
         self.nodes.update(nodes)
-        if len(self.nodes) >= self.half:
-            self.old_nodes, self.nodes = self.nodes, {}
 
 
 class _PendingView:
