@@ -52,6 +52,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from medledger.errors import MedledgerError
+from medledger.orderer import TLS_OPTIONS, check_tls_options
 
 __all__ = [
     "ConfigError",
@@ -261,9 +262,6 @@ def _gossip(doc: object) -> GossipConfig:
     return GossipConfig(**values)
 
 
-_ORDERER_TLS = ("tls_ca", "tls_cert", "tls_key")
-
-
 def _orderer_options(doc: object, base: Path, scheme: str) -> dict[str, Any]:
     if doc is None:
         doc = {}
@@ -274,20 +272,17 @@ def _orderer_options(doc: object, base: Path, scheme: str) -> dict[str, Any]:
         if not isinstance(value, (bool, int, float, str)):
             raise ConfigError(f"orderer_options.{name} must be a number, string or boolean")
         out[str(name)] = value
-    for name in _ORDERER_TLS:
+    for name in TLS_OPTIONS:
         if name in out:
             path = _opt_path(out, name, base, f"orderer_options.{name}")
             if path is None:
                 del out[name]
             else:
                 out[name] = str(path)
-    tls = [n for n in _ORDERER_TLS if n in out]
-    if scheme != "etcds" and tls:
-        raise ConfigError(f"orderer_options {', '.join(tls)}: TLS to etcd needs etcds://")
-    if scheme == "etcds" and "tls_ca" not in out:
-        raise ConfigError("orderer etcds:// needs orderer_options.tls_ca (the etcd CA, PEM)")
-    if ("tls_cert" in out) != ("tls_key" in out):
-        raise ConfigError("orderer_options.tls_cert and tls_key go together")
+    try:
+        check_tls_options(scheme, out)
+    except ValueError as exc:
+        raise ConfigError(f"orderer_options: {exc}") from None
     return out
 
 

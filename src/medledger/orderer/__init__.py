@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -19,10 +20,11 @@ from medledger.orderer.base import Orderer
 if TYPE_CHECKING:
     from medledger.node import Node
 
-__all__ = ["Orderer", "make_orderer", "parse_etcd_url"]
+__all__ = ["TLS_OPTIONS", "Orderer", "check_tls_options", "make_orderer", "parse_etcd_url"]
 
 _EMBEDDED_ONLY = ("max_batch", "max_wait", "verify_workers", "parallel_threshold")
-_TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key")
+#: the TLS file options of ``etcds://`` (PEM file paths)
+TLS_OPTIONS = ("tls_ca", "tls_cert", "tls_key")
 
 
 def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
@@ -41,6 +43,26 @@ def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
         endpoints.append((host.strip("[]"), int(port)))
     root = parts.path.rstrip("/") or "/medledger"
     return endpoints, root
+
+
+def check_tls_options(scheme: str, options: Mapping[str, Any]) -> dict[str, str]:
+    """The TLS file options (``tls_ca``, ``tls_cert``, ``tls_key``) among ``options``.
+
+    Raises :class:`ValueError` unless they fit ``scheme``: ``etcds`` needs
+    ``tls_ca``, ``tls_cert`` and ``tls_key`` go together, and no other scheme takes
+    any of them. Used by :func:`make_orderer` and when ``node.toml`` is read.
+    """
+    paths = {k: str(options[k]) for k in TLS_OPTIONS if k in options}
+    if scheme != "etcds":
+        if paths:
+            names = ", ".join(sorted(paths))
+            raise ValueError(f"{names} apply to TLS only: TLS to etcd needs etcds://")
+        return paths
+    if "tls_ca" not in paths:
+        raise ValueError("etcds:// needs the tls_ca option (the etcd members' CA, PEM)")
+    if ("tls_cert" in paths) != ("tls_key" in paths):
+        raise ValueError("tls_cert and tls_key go together")
+    return paths
 
 
 def make_orderer(url: str | None, node: Node, **options: Any) -> Orderer:
@@ -66,18 +88,12 @@ def make_orderer(url: str | None, node: Node, **options: Any) -> Orderer:
         from medledger.orderer.etcd import EtcdOrderer, EtcdTLS
 
         endpoints, root = parse_etcd_url(url)
-        paths = {k: options.pop(k) for k in _TLS_OPTIONS if k in options}
+        paths = check_tls_options(scheme, options)
+        for name in paths:
+            del options[name]
         tls = None
-        if scheme == "etcds":
-            if "tls_ca" not in paths:
-                raise ValueError("etcds:// needs the tls_ca option (the etcd members' CA, PEM)")
-            tls = EtcdTLS.from_files(
-                str(paths["tls_ca"]),
-                None if paths.get("tls_cert") is None else str(paths["tls_cert"]),
-                None if paths.get("tls_key") is None else str(paths["tls_key"]),
-            )
-        elif paths:
-            raise ValueError(f"{sorted(paths)} apply to etcds:// (TLS) only, not {url!r}")
+        if paths:
+            tls = EtcdTLS.from_files(paths["tls_ca"], paths.get("tls_cert"), paths.get("tls_key"))
         return EtcdOrderer(node, endpoints, root=root, tls=tls, **options)
     raise ValueError(
         f"unknown orderer URL {url!r} (expected embedded, etcd:// or etcds://host:port,...)"
