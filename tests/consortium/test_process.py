@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -16,7 +17,7 @@ from medledger.consortium.process import NodeProcess
 from medledger.datadir import DataDir
 from medledger.encoding import decode, encode
 from medledger.errors import MedledgerError, OrdererError
-from medledger.ledger.tx import make_tx
+from medledger.ledger.tx import Transaction, make_tx
 
 
 async def make_config(tmp_path: Path) -> NodeConfig:
@@ -35,6 +36,33 @@ async def make_config(tmp_path: Path) -> NodeConfig:
     )
 
 
+async def wait_serving(http: httpx.AsyncClient, tries: int = 200) -> dict[str, Any]:
+    """The node's /health once it says ``serving`` (the last answer if it never does)."""
+    health: dict[str, Any] = {}
+    for _ in range(tries):
+        try:
+            health = (await http.get("/health")).json()
+            if health["phase"] == "serving":
+                break
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.05)
+    return health
+
+
+def anchor(cfg: NodeConfig, label: bytes) -> Transaction:
+    """The org admin's first ``note.anchor`` (seq 1)."""
+    admin = DataDir(cfg.data_dir).identity("admin-org-1").signing
+    return make_tx(
+        admin,
+        cfg.network,
+        "note.anchor",
+        {"digest": hashlib.sha256(label).digest()},
+        seq=1,
+        time=int(time.time() * 1000),
+    )
+
+
 async def test_a_node_process_serves_halts_and_stops(tmp_path: Path) -> None:
     cfg = await make_config(tmp_path)
     proc = NodeProcess(cfg)
@@ -43,27 +71,13 @@ async def test_a_node_process_serves_halts_and_stops(tmp_path: Path) -> None:
     runner = asyncio.create_task(proc.run(stop))
     try:
         async with httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http:
-            for _ in range(100):
-                try:
-                    health = (await http.get("/health")).json()
-                    if health["phase"] == "serving":
-                        break
-                except httpx.HTTPError:
-                    pass
-                await asyncio.sleep(0.05)
+            health = await wait_serving(http)
             assert health["org"] == "org-1" and health["members"] == 1 and health["writes"]
             assert health["fhir"] is False and health["orderer"]["running"]
             admin = DataDir(cfg.data_dir).identity("admin-org-1").signing
             seq = (await http.get(f"/ledger/v1/seq/{admin.key_id.hex()}")).json()["seq"]
             assert seq == 0
-            tx = make_tx(
-                admin,
-                cfg.network,
-                "note.anchor",
-                {"digest": hashlib.sha256(b"p").digest()},
-                seq=1,
-                time=int(time.time() * 1000),
-            )
+            tx = anchor(cfg, b"p")
             (res,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
             assert res["ok"] and res["height"] == 1
             (again,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
@@ -125,27 +139,10 @@ async def test_a_node_process_orders_through_etcd_over_tls(tmp_path: Path) -> No
         runner = asyncio.create_task(proc.run(stop))
         try:
             async with httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http:
-                health = None
-                for _ in range(200):
-                    try:
-                        health = (await http.get("/health")).json()
-                        if health["phase"] == "serving":
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    await asyncio.sleep(0.05)
-                assert health is not None and health["phase"] == "serving"
+                health = await wait_serving(http)
+                assert health["phase"] == "serving"
                 assert health["orderer"]["running"]
-                admin = DataDir(cfg.data_dir).identity("admin-org-1").signing
-                tx = make_tx(
-                    admin,
-                    cfg.network,
-                    "note.anchor",
-                    {"digest": hashlib.sha256(b"tls").digest()},
-                    seq=1,
-                    time=int(time.time() * 1000),
-                )
-                body = encode([tx.raw])
+                body = encode([anchor(cfg, b"tls").raw])
                 (res,) = decode((await http.post("/ledger/v1/txs", content=body)).content)
                 assert res["ok"] and res["height"] == 1
         finally:
