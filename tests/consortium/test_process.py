@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,21 @@ async def make_config(tmp_path: Path) -> NodeConfig:
     )
 
 
+@contextlib.asynccontextmanager
+async def running(cfg: NodeConfig) -> AsyncIterator[NodeProcess]:
+    """A node process opened and running in this event loop; stopped and closed after."""
+    proc = NodeProcess(cfg)
+    await proc.open()
+    stop = asyncio.Event()
+    runner = asyncio.create_task(proc.run(stop))
+    try:
+        yield proc
+    finally:
+        stop.set()
+        await runner
+        await proc.close()
+
+
 async def wait_serving(http: httpx.AsyncClient, tries: int = 200) -> dict[str, Any]:
     """The node's /health once it says ``serving`` (the last answer if it never does)."""
     health: dict[str, Any] = {}
@@ -65,42 +82,36 @@ def anchor(cfg: NodeConfig, label: bytes) -> Transaction:
 
 async def test_a_node_process_serves_halts_and_stops(tmp_path: Path) -> None:
     cfg = await make_config(tmp_path)
-    proc = NodeProcess(cfg)
-    await proc.open()
-    stop = asyncio.Event()
-    runner = asyncio.create_task(proc.run(stop))
-    try:
-        async with httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http:
-            health = await wait_serving(http)
-            assert health["org"] == "org-1" and health["members"] == 1 and health["writes"]
-            assert health["fhir"] is False and health["orderer"]["running"]
-            admin = DataDir(cfg.data_dir).identity("admin-org-1").signing
-            seq = (await http.get(f"/ledger/v1/seq/{admin.key_id.hex()}")).json()["seq"]
-            assert seq == 0
-            tx = anchor(cfg, b"p")
-            (res,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
-            assert res["ok"] and res["height"] == 1
-            (again,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
-            assert again["error"] == "replayed"
-            assert (await http.get(f"/ledger/v1/seq/{admin.key_id.hex()}")).json()["seq"] == 1
-            # a second process on the same data directory is refused
-            with pytest.raises(MedledgerError, match="in use"):
-                await NodeProcess(cfg).open()
-            # halted: the shared submitter and the ledger endpoint refuse writes
-            proc.monitor.set_halted("test")
-            assert proc.submitter is not None
-            with pytest.raises(OrdererError, match="halted"):
-                await proc.submitter.submit(admin, "note.anchor", {"digest": bytes(32)})
-            assert proc.node is not None and proc.node.halted == "test"
-            with pytest.raises(OrdererError, match="test"):
-                await proc.node.submit(tx)
-            resp = await http.post("/ledger/v1/txs", content=encode([tx.raw]))
-            assert resp.status_code == 503
-            assert (await http.get("/health")).status_code == 503
-    finally:
-        stop.set()
-        await runner
-        await proc.close()
+    async with (
+        running(cfg) as proc,
+        httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http,
+    ):
+        health = await wait_serving(http)
+        assert health["org"] == "org-1" and health["members"] == 1 and health["writes"]
+        assert health["fhir"] is False and health["orderer"]["running"]
+        admin = DataDir(cfg.data_dir).identity("admin-org-1").signing
+        seq = (await http.get(f"/ledger/v1/seq/{admin.key_id.hex()}")).json()["seq"]
+        assert seq == 0
+        tx = anchor(cfg, b"p")
+        (res,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
+        assert res["ok"] and res["height"] == 1
+        (again,) = decode((await http.post("/ledger/v1/txs", content=encode([tx.raw]))).content)
+        assert again["error"] == "replayed"
+        assert (await http.get(f"/ledger/v1/seq/{admin.key_id.hex()}")).json()["seq"] == 1
+        # a second process on the same data directory is refused
+        with pytest.raises(MedledgerError, match="in use"):
+            await NodeProcess(cfg).open()
+        # halted: the shared submitter and the ledger endpoint refuse writes
+        proc.monitor.set_halted("test")
+        assert proc.submitter is not None
+        with pytest.raises(OrdererError, match="halted"):
+            await proc.submitter.submit(admin, "note.anchor", {"digest": bytes(32)})
+        assert proc.node is not None and proc.node.halted == "test"
+        with pytest.raises(OrdererError, match="test"):
+            await proc.node.submit(tx)
+        resp = await http.post("/ledger/v1/txs", content=encode([tx.raw]))
+        assert resp.status_code == 503
+        assert (await http.get("/health")).status_code == 503
     assert proc.monitor.phase == "stopping"
 
 
@@ -133,19 +144,13 @@ async def test_a_node_process_orders_through_etcd_over_tls(tmp_path: Path) -> No
         )
         cfg = load_config(path)
         assert cfg.orderer.startswith("etcds://")
-        proc = NodeProcess(cfg)
-        await proc.open()
-        stop = asyncio.Event()
-        runner = asyncio.create_task(proc.run(stop))
-        try:
-            async with httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http:
-                health = await wait_serving(http)
-                assert health["phase"] == "serving"
-                assert health["orderer"]["running"]
-                body = encode([anchor(cfg, b"tls").raw])
-                (res,) = decode((await http.post("/ledger/v1/txs", content=body)).content)
-                assert res["ok"] and res["height"] == 1
-        finally:
-            stop.set()
-            await runner
-            await proc.close()
+        async with (
+            running(cfg),
+            httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as http,
+        ):
+            health = await wait_serving(http)
+            assert health["phase"] == "serving"
+            assert health["orderer"]["running"]
+            body = encode([anchor(cfg, b"tls").raw])
+            (res,) = decode((await http.post("/ledger/v1/txs", content=body)).content)
+            assert res["ok"] and res["height"] == 1
