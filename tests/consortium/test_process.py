@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -154,3 +155,37 @@ async def test_a_node_process_orders_through_etcd_over_tls(tmp_path: Path) -> No
             body = encode([anchor(cfg, b"tls").raw])
             (res,) = decode((await http.post("/ledger/v1/txs", content=body)).content)
             assert res["ok"] and res["height"] == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tls_ca": "missing-ca.pem"}, "cannot read the etcd TLS CA certificate"),
+        (
+            {"tls_ca": "missing-ca.pem", "bogus": 1},
+            r"not understood by the etcd orderer: \['bogus'\]",
+        ),
+    ],
+)
+def test_a_bad_orderer_setting_stops_the_node_with_one_line(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    options: dict[str, Any],
+    message: str,
+) -> None:
+    # what node.toml cannot check by itself (a TLS file that is not there, an option
+    # the orderer does not take) ends `medledger node start` with exit status 1 and
+    # one error line, not a traceback
+    from dataclasses import replace
+
+    from medledger.consortium.config import dump_config
+    from medledger.consortium.process import main
+
+    cfg = replace(asyncio.run(make_config(tmp_path)), orderer="etcds://127.0.0.1:1")
+    path = tmp_path / "node.toml"
+    path.write_text(dump_config(replace(cfg, orderer_options=options)))
+    with caplog.at_level("ERROR", logger="medledger.consortium"):
+        assert main(["--config", str(path)]) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].startswith("config: orderer etcds://127.0.0.1:1: ")
+    assert re.search(message, errors[0]), errors[0]

@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse
 from medledger.consortium import _nodeio
 from medledger.consortium.catchup import CatchUp
 from medledger.consortium.client import PeerClient, PeerUnavailable, RemoteCustodians, tls_context
-from medledger.consortium.config import HttpEndpoint, NodeConfig, load_config
+from medledger.consortium.config import ConfigError, HttpEndpoint, NodeConfig, load_config
 from medledger.consortium.gossip import CheckpointBook, ConsortiumMonitor, Gossip
 from medledger.consortium.peer import PeerService, create_peer_app, health_json
 from medledger.crypto.keystore import Identity
@@ -306,6 +306,8 @@ class NodeProcess:
                 self.monitor.phase = "serving"
                 log.info("ordering through %s from height %d", self.cfg.orderer, node.head.height)
                 return
+            except ValueError as exc:  # make_orderer: the orderer URL or [orderer_options]
+                raise ConfigError(f"orderer {self.cfg.orderer}: {exc}") from None
             except CatchUpRequired as exc:
                 log.warning("%s", exc)
                 await self.catch_up()

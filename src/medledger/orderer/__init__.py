@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -88,6 +89,10 @@ def make_orderer(url: str | None, node: Node, **options: Any) -> Orderer:
         from medledger.orderer.etcd import EtcdOrderer, EtcdTLS
 
         endpoints, root = parse_etcd_url(url)
+        accepted = set(inspect.signature(EtcdOrderer).parameters) - {"node", "endpoints", "tls"}
+        unknown = sorted(set(options) - accepted - set(TLS_OPTIONS))
+        if unknown:
+            raise ValueError(f"options not understood by the etcd orderer: {unknown}")
         paths = check_tls_options(scheme, options)
         for name in paths:
             del options[name]
