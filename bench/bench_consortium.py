@@ -33,9 +33,9 @@ Measures, in one run, on one machine:
 (d) that all three nodes end at the same height with the same log and state
     roots.
 
-Pre-signing happens before each timed phase; the load generator shares the
-machine's cores with the nodes, etcd and the databases (its own CPU share is a
-few per cent).
+Pre-signing happens before each timed phase; the load generator (aiohttp: its
+per-request cost is about half of httpx's) shares the machine's cores with the
+nodes, etcd and the databases (its own CPU share is a few per cent).
 
 Run: ``.venv/bin/python bench/bench_consortium.py [--quick] [--sqlite] [--clients N]
 [--rates 0,2000] [--rate-batch 20] [--orderer-option max_wait=0.01]``.
@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import aetcd
+import aiohttp
 import httpx
 
 from medledger.consortium import network as net
@@ -103,8 +104,26 @@ def presign(key: SigningKey, network: str, n: int, first_seq: int = 1) -> list[T
     ]
 
 
+def _session(connections: int) -> aiohttp.ClientSession:
+    """The load generator's HTTP client: aiohttp, whose per-request cost is a fraction
+    of httpx's; it shares the machine with the nodes, so its own CPU matters."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections),
+        timeout=aiohttp.ClientTimeout(total=120),
+        headers={"Content-Type": "application/cbor"},
+    )
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> list[dict[str, Any]]:
+    async with http.post(url, data=body) as resp:
+        content = await resp.read()
+        resp.raise_for_status()
+    results: list[dict[str, Any]] = decode(content)
+    return results
+
+
 async def client_loop(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     url: str,
     txs: list[Transaction],
     batch: int,
@@ -114,10 +133,8 @@ async def client_loop(
     for start in range(0, len(txs), batch):
         chunk = txs[start : start + batch]
         t0 = time.perf_counter()
-        resp = await http.post(url, content=encode([t.raw for t in chunk]))
+        results = await post(http, url, encode([t.raw for t in chunk]))
         t1 = time.perf_counter()
-        resp.raise_for_status()
-        results = decode(resp.content)
         bad = [r for r in results if not r["ok"]]
         if bad:
             raise RuntimeError(f"{len(bad)} transactions rejected: {bad[0]}")
@@ -135,8 +152,7 @@ async def run_load(
             work.append((node["peer"] + "/ledger/v1/txs", presign(key, network, per_client)))
     latencies: list[float] = []
     acked: list[float] = []
-    limits = httpx.Limits(max_connections=len(work) + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with _session(len(work) + 4) as http:
         print("saturation phase starts", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         await asyncio.gather(
@@ -155,7 +171,7 @@ async def run_load(
 
 
 async def paced_loop(
-    http: httpx.AsyncClient,
+    http: aiohttp.ClientSession,
     url: str,
     txs: list[Transaction],
     batch: int,
@@ -172,10 +188,9 @@ async def paced_loop(
         if due > now:
             await asyncio.sleep(due - now)
         chunk = txs[first : first + batch]
-        resp = await http.post(url, content=encode([t.raw for t in chunk]))
+        results = await post(http, url, encode([t.raw for t in chunk]))
         done = time.perf_counter()
-        resp.raise_for_status()
-        if not all(r["ok"] for r in decode(resp.content)):
+        if not all(r["ok"] for r in results):
             raise RuntimeError("transactions rejected")
         latencies.extend([done - due] * len(chunk))
 
@@ -200,8 +215,7 @@ async def run_paced(
     work = [(url, presign(key, network, per_client, first_seq)) for url, key in clients]
     await asyncio.sleep(1.0)  # let the previous phase's last blocks settle
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=len(work) + 4)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as http:
+    async with _session(len(work) + 4) as http:
         print("paced phase starts", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         # the clients' schedules are staggered evenly over the interval: the offered
