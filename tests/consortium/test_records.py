@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -21,11 +22,13 @@ from medledger.consortium.client import (
     RecordRequest,
     RemoteCustodians,
 )
+from medledger.contracts.core import k_seq
 from medledger.crypto import aead
 from medledger.crypto.kem import unwrap_key, wrap_key
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode
 from medledger.errors import IntegrityError, NotFoundError, OrdererError, Unauthorized
+from medledger.ledger.tx import make_tx
 from medledger.node import Node
 from medledger.services.access import AccessService
 from medledger.services.records import Caller, OrgCrypto, RecordService, derive_index_key
@@ -242,6 +245,61 @@ async def test_a_read_already_logged_by_the_readers_node_is_not_logged_twice(
         await s.client.fetch_record(
             "org-1", RecordRequest(s.record, actor="phys-b", access_tx=bytes(32))
         )
+
+
+async def test_a_custodian_behind_the_readers_node_waits_for_its_entry_then_serves(
+    setup: Setup,
+) -> None:
+    """The reader's node registered a physician and logged a read by them; the custodian's
+    node has applied neither yet. It waits for the entry (and so for the registration
+    ordered before it), then serves: no refusal for an actor it does not know yet, and
+    no deny entry of its own."""
+    s = setup
+    kid = s.reader.node_key.public.key_id
+    raw = await s.custodian.node.state_get(k_seq(kid))
+    seq = 0 if raw is None else int(decode(raw))
+    entry = {
+        "request": "req-" + secrets.token_hex(8),
+        "actor": "phys-c",
+        "org": "org-2",
+        "role": "physician",
+        "on_behalf": None,
+        "patient": s.patient,
+        "resource_types": ["Observation"],
+        "records": [s.record],
+        "purpose": "TREAT",
+        "action": "access",
+        "outcome": "permit",
+        "consents": [],
+        "rule": "default",
+        "break_glass": False,
+        "time": s.custodian.node.clock(),
+    }
+    logged = make_tx(
+        s.reader.node_key, NETWORK, "access.log", entry, seq=seq + 1, time=entry["time"]
+    )
+    fetch = asyncio.create_task(
+        s.client.fetch_record(
+            "org-1", RecordRequest(s.record, actor="phys-c", access_tx=logged.tx_id)
+        )
+    )
+    await asyncio.sleep(0.3)
+    assert not fetch.done()  # waiting for the entry, not refusing
+    await s.sub.submit(
+        s.c.orgs[1].admin,
+        "principal.register",
+        {
+            "id": "phys-c",
+            "kind": "practitioner",
+            "roles": ["physician"],
+            "pub": SigningKey.generate().public.raw,
+        },
+    )
+    await s.custodian.node.submit(logged)
+    remote = await asyncio.wait_for(fetch, 10)
+    assert (remote.record, remote.access_tx) == (s.record, logged.tx_id)
+    feed = await AccessService(s.custodian.node, s.sub, {}).audit_feed(s.patient)
+    assert [(e["org"], e["actor"], e["outcome"]) for e in feed] == [("org-2", "phys-c", "permit")]
 
 
 async def test_served_through_the_record_service(setup: Setup) -> None:

@@ -25,9 +25,12 @@ see :mod:`medledger.consortium.auth`):
     signed by its node (permit or deny), and on permit returns the ciphertext
     with the record key re-wrapped for the caller's organisation. When the
     caller's node already decided and logged the read (``access_tx``: the id of
-    its committed ``access.log``), the custodian still decides on its own state
-    but only checks that entry (on its ledger, by the caller's node, naming this
-    actor, record and purpose, recent) instead of logging a second one.
+    its committed ``access.log``), the custodian first waits (up to ``log_wait``)
+    until that entry is on its own ledger, and with it everything ordered before
+    it (the actor's registration, the consents the caller's node decided on), then
+    still decides on its own state but only checks that entry (by the caller's
+    node, naming this actor, record and purpose, recent) instead of logging a
+    second one.
 ``GET /ledger/v1/seq/<key id hex>``
     ``{"seq"}``: the last sequence number the key used on this node's ledger
     (what a client signing its own transactions needs next, plus one).
@@ -73,6 +76,7 @@ from medledger.ledger.note import add_signatures, note_text, open_note
 from medledger.ledger.tx import Transaction
 from medledger.node import Node, Receipt
 from medledger.state.base import StateReader
+from medledger.store import TxRecord
 
 __all__ = ["PeerService", "RecordSource", "create_peer_app", "health_json"]
 
@@ -224,6 +228,14 @@ class PeerService:
         if not self.monitor.writes_allowed:
             # its ledger (consents included) disagrees with the majority: decide nothing
             raise Refused(f"this node is halted: {self.monitor.halted_reason}", 503, "halted")
+        logged: TxRecord | None = None
+        if req.access_tx is not None:
+            # The reader's node decided on its own state and logged the read: that entry
+            # is ordered after everything its decision relied on (the actor's
+            # registration, the patient's consents). Once it is on this ledger, so is all
+            # of that; deciding before it arrives would refuse a read only because this
+            # node is a few blocks behind the reader's.
+            logged = await self._wait_logged(req.access_tx)
         now = self.clock()
 
         def _look(state: StateReader) -> tuple[Any, ...]:
@@ -256,7 +268,13 @@ class PeerService:
         assert isinstance(decision, Decision)
         if req.access_tx is not None and decision.permit:
             # the reader's node decided and logged already: check its entry, log nothing more
-            await self._check_logged(caller, req, now)
+            if logged is None:
+                raise Refused(
+                    f"access entry {req.access_tx.hex()} is not on this node's ledger",
+                    409,
+                    "unknown-access-entry",
+                )
+            await self._check_logged(caller, req, logged, now)
             access_tx = req.access_tx
         else:
             receipt = await self._log_access(caller, req, rec, decision, actor, now)
@@ -317,22 +335,22 @@ class PeerService:
         recipient = EncryptionPublicKey(int(org["enc_alg"]), bytes(org["enc_key"]))
         return wrap_key(recipient, unwrap_key(self.encryption, mine, aad), aad)
 
-    async def _check_logged(self, caller: str, req: RecordRequest, now: int) -> None:
-        """The access entry the reader's node committed must be on this ledger and match."""
-        assert req.access_tx is not None
-        deadline = asyncio.get_running_loop().time() + self.log_wait
+    async def _wait_logged(self, tx_id: bytes) -> TxRecord | None:
+        """The committed transaction ``tx_id`` once this node has applied it, waiting up to
+        ``log_wait`` seconds; None if it has not arrived by then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.log_wait
         while True:
             try:
-                rec = await self.node.get_tx(req.access_tx)
-                break
+                return await self.node.get_tx(tx_id)
             except NotFoundError:
-                if asyncio.get_running_loop().time() > deadline:
-                    raise Refused(
-                        f"access entry {req.access_tx.hex()} is not on this node's ledger",
-                        409,
-                        "unknown-access-entry",
-                    ) from None
+                if loop.time() > deadline:
+                    return None
                 await asyncio.sleep(0.02)
+
+    async def _check_logged(self, caller: str, req: RecordRequest, rec: TxRecord, now: int) -> None:
+        """The access entry the reader's node committed (``rec``) must match the request."""
+        assert req.access_tx is not None
         tx = Transaction.from_bytes(rec.raw)
 
         def _signer(state: StateReader) -> Any:
