@@ -31,7 +31,11 @@ Measures, in one run, on one machine:
     phase is its transactions over the time from its start to its last
     acknowledgement, so short (``--quick``) phases understate it;
 (d) that all three nodes end at the same height with the same log and state
-    roots.
+    roots;
+(e) for each timed phase, where the machine's CPU went (cores in use on average,
+    from ``/proc``): the node processes, their signature workers, PostgreSQL's
+    backends for the nodes and its own processes, the etcd members, this load
+    generator and everything else (see :class:`CpuMeter`).
 
 Pre-signing happens before each timed phase; the load generator (aiohttp: its
 per-request cost is about half of httpx's) shares the machine's cores with the
@@ -46,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import os
 import statistics
 import sys
@@ -65,6 +70,94 @@ from medledger.encoding import decode, encode
 from medledger.ledger.tx import Transaction, make_tx
 
 PG_ADMIN = os.environ.get("MEDLEDGER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+#: CPU roles reported per phase, in print order
+ROLES = (
+    "node processes",
+    "their signature workers",
+    "PostgreSQL, the nodes' connections",
+    "PostgreSQL, its own processes",
+    "etcd members",
+    "load generator (this process)",
+    "everything else on the machine",
+)
+
+
+class CpuMeter:
+    """Where the machine's CPU goes during a phase, by role (Linux ``/proc``).
+
+    ``start()`` then ``stop()`` give, per role, the cores used on average over the
+    phase (CPU seconds / wall seconds): the node processes and etcd members named
+    in the network's ``pids.json``, the nodes' child processes (signature
+    workers), the PostgreSQL backends serving the network's databases, PostgreSQL's
+    other processes (WAL writer, checkpointer, autovacuum and any other client),
+    this load generator, and the rest of the machine (``/proc/stat`` busy time
+    minus all of those). A process that exits during the phase is not counted.
+    Empty where ``/proc`` is not available.
+    """
+
+    def __init__(self, net_dir: Path, databases: list[str]) -> None:
+        self.dir = net_dir
+        self.databases = tuple(databases)
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._t0 = 0.0
+        self._start: dict[int, tuple[str, int]] = {}
+        self._busy0 = 0
+
+    @staticmethod
+    def _busy() -> int:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[:7])
+        return user + nice + system + irq + softirq
+
+    def _snapshot(self) -> dict[int, tuple[str, int]]:
+        pids = json.loads((self.dir / "pids.json").read_text())
+        nodes = {int(p) for p in pids.get("nodes", {}).values()}
+        etcd = {int(p) for p in pids.get("etcd", {}).values()}
+        me = os.getpid()
+        out: dict[int, tuple[str, int]] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            try:
+                stat = (entry / "stat").read_text()
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            rest = stat[stat.rindex(")") + 2 :].split()
+            ppid, ticks = int(rest[1]), int(rest[11]) + int(rest[12])
+            if pid in nodes:
+                role = ROLES[0]
+            elif ppid in nodes:
+                role = ROLES[1]
+            elif cmd.startswith("postgres:"):
+                role = ROLES[2] if any(db in cmd for db in self.databases) else ROLES[3]
+            elif pid in etcd:
+                role = ROLES[4]
+            elif pid == me:
+                role = ROLES[5]
+            else:
+                continue
+            out[pid] = (role, ticks)
+        return out
+
+    def start(self) -> None:
+        if not Path("/proc/stat").exists():
+            return
+        self._start, self._busy0, self._t0 = self._snapshot(), self._busy(), time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        if not self._t0:
+            return {}
+        end, busy, wall = self._snapshot(), self._busy(), time.perf_counter() - self._t0
+        cores = dict.fromkeys(ROLES, 0.0)
+        for pid, (role, ticks) in end.items():
+            before = self._start.get(pid)
+            cores[role] += (ticks - (before[1] if before and before[0] == role else 0)) / self.hz
+        known = sum(cores.values())
+        cores[ROLES[-1]] = max(0.0, (busy - self._busy0) / self.hz - known)
+        return {role: seconds / wall for role, seconds in cores.items()}
 
 
 async def etcd_puts(port: int, seconds: float, in_flight: int) -> float:
@@ -143,8 +236,12 @@ async def client_loop(
 
 
 async def run_load(
-    layout: dict[str, Any], keys: dict[str, list[SigningKey]], per_client: int, batch: int
-) -> dict[str, float]:
+    layout: dict[str, Any],
+    keys: dict[str, list[SigningKey]],
+    per_client: int,
+    batch: int,
+    meter: CpuMeter,
+) -> dict[str, Any]:
     network = layout["network"]
     work = []
     for node in layout["nodes"]:
@@ -154,11 +251,13 @@ async def run_load(
     acked: list[float] = []
     async with _session(len(work) + 4) as http:
         print("saturation phase starts", file=sys.stderr, flush=True)
+        meter.start()
         t0 = time.perf_counter()
         await asyncio.gather(
             *(client_loop(http, url, txs, batch, latencies, acked) for url, txs in work)
         )
         elapsed = max(acked) - t0
+        cpu = meter.stop()
     latencies.sort()
     n = len(latencies)
     return {
@@ -167,6 +266,7 @@ async def run_load(
         "tx_s": n / elapsed,
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
+        "cpu": cpu,
     }
 
 
@@ -202,7 +302,8 @@ async def run_paced(
     seconds: float,
     batch: int,
     first_seq: int,
-) -> dict[str, float]:
+    meter: CpuMeter,
+) -> dict[str, Any]:
     network = layout["network"]
     per_node = min(len(keys[n["org"]]) for n in layout["nodes"])
     clients = [  # node after node, so that consecutive start offsets go to different nodes
@@ -217,6 +318,7 @@ async def run_paced(
     latencies: list[float] = []
     async with _session(len(work) + 4) as http:
         print("paced phase starts", file=sys.stderr, flush=True)
+        meter.start()
         t0 = time.perf_counter()
         # the clients' schedules are staggered evenly over the interval: the offered
         # load arrives as a steady stream, not as one burst of every client per interval
@@ -227,9 +329,11 @@ async def run_paced(
             )
         )
         elapsed = time.perf_counter() - t0
+        cpu = meter.stop()
     latencies.sort()
     n = len(latencies)
     return {
+        "cpu": cpu,
         "offered": rate,
         "per_client": per_client,
         "txs": n,
@@ -264,6 +368,14 @@ async def converge(layout: dict[str, Any], within: float = 60) -> tuple[int, str
         if time.monotonic() > deadline:
             raise RuntimeError(f"nodes did not converge: {got}")
         await asyncio.sleep(0.5)
+
+
+def print_cpu(cpu: dict[str, float]) -> None:
+    if not cpu:
+        return
+    print(f"{'  CPU, cores in use (of ' + str(os.cpu_count()) + ')':<44}{sum(cpu.values()):>14.2f}")
+    for role in ROLES:
+        print(f"{'    ' + role:<44}{cpu[role]:>14.2f}")
 
 
 def main() -> None:
@@ -327,7 +439,8 @@ def main() -> None:
             seq = asyncio.run(etcd_puts(port, seconds, 1))
             par = asyncio.run(etcd_puts(port, seconds, 64))
             h0 = asyncio.run(head_height(layout))
-            res = asyncio.run(run_load(layout, keys, per_client, args.batch))
+            meter = CpuMeter(d, layout["databases"])
+            res = asyncio.run(run_load(layout, keys, per_client, args.batch, meter))
             h1 = asyncio.run(head_height(layout))
             res["blocks"] = h1 - h0
             paced = []
@@ -342,6 +455,7 @@ def main() -> None:
                         args.rate_seconds or seconds * 2,
                         args.rate_batch,
                         next_seq,
+                        meter,
                     )
                 )
                 next_seq += int(got["per_client"])
@@ -369,6 +483,7 @@ def main() -> None:
     print(f"{'  transactions':<44}{res['txs']:>14,}")
     print(f"{'  blocks (mean transactions per block)':<44}", end="")
     print(f"{res['blocks']:>7,} /{res['txs'] / max(1, res['blocks']):>5.0f}")
+    print_cpu(res["cpu"])
     for got in paced:
         offered = f"offered load (tx/s, batches of {args.rate_batch})"
         print(f"{offered:<44}{got['offered']:>14,.0f}")
@@ -377,6 +492,7 @@ def main() -> None:
         print(f"{got['p50_ms']:>7.0f} /{got['p99_ms']:>5.0f}")
         print(f"{'  blocks (mean transactions per block)':<44}", end="")
         print(f"{got['blocks']:>7,} /{got['txs'] / max(1, got['blocks']):>5.0f}")
+        print_cpu(got["cpu"])
     print(f"{'final height (identical on all nodes)':<44}{height:>14,}")
     print(f"log root {log_root[:16]}…, state root {state_root[:16]}…")
 
