@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -155,3 +157,38 @@ def test_evaluation_is_deterministic_and_bounded() -> None:
     assert all(cel_rules.evaluate(expr, rec, pat) for _ in range(3))
     with pytest.raises(RuleError):
         cel_rules.evaluate("record.version * 9223372036854775807 * 4 > 0", rec, pat)
+
+
+def test_a_checked_rule_is_kept_and_evaluates_afresh_for_every_record() -> None:
+    expr = 'record.custodian == "h1" && "h2" in patient.orgs'
+    first = cel_rules.check_rule(expr)
+    assert cel_rules.check_rule(expr) is first  # parsed and checked once
+    rec = {
+        "id": "r",
+        "resource_type": "Observation",
+        "category": "",
+        "custodian": "h1",
+        "version": 1,
+        "effective": 0,
+    }
+    # the kept program sees each evaluation's own variables, in any order
+    verdicts = [
+        cel_rules.evaluate(expr, {**rec, "custodian": custodian}, {"id": "p", "orgs": orgs})
+        for custodian, orgs in [("h1", ["h2"]), ("h3", ["h2"]), ("h1", ["h1"]), ("h1", ["h2"])]
+    ]
+    assert verdicts == [True, False, False, True]
+    # a rejected rule is not kept: it is refused every time
+    for _ in range(2):
+        with pytest.raises(RuleError, match="must evaluate to bool"):
+            cel_rules.check_rule("record.version + 1")
+
+
+def test_importing_the_command_line_does_not_build_the_cel_parser() -> None:
+    # building celpy's parser costs more than importing the rest of the CLI: it waits
+    # for the first rule
+    code = (
+        "import medledger.cli, medledger.contracts.cel_rules as c; "
+        "assert c._env is None; c.check_rule('record.version > 0'); "
+        "assert c._env is not None"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

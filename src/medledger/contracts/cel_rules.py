@@ -10,7 +10,10 @@ and so cannot be used inside ``apply``. celpy is pure Python, so evaluation is
 reproducible bit for bit on every node (it also range-checks 64-bit ints the
 way the CEL spec requires). Parsing and evaluating with one library avoids two
 implementations disagreeing. Its speed (~0.5 ms per rule) is ample here: rules
-run once per record registration.
+run once per record registration; a checked rule's parse and program are kept
+(:func:`check_rule`, :func:`evaluate`), and the parser is built on first use, not
+at import (building it takes longer than importing the rest of medledger's
+command line).
 
 The accepted language is a deliberately small, typed subset of CEL:
 
@@ -84,7 +87,21 @@ VARIABLES: dict[str, dict[str, str]] = {
 
 _MACROS = {"exists", "all", "exists_one", "filter", "map"}
 _STRING_METHODS = {"startsWith", "endsWith", "contains"}
-_ENV = celpy.Environment()
+_env: celpy.Environment | None = None
+
+#: Checked rules and their programs by source text (parsing and checking are pure,
+#: so a cached result is exactly what checking again would give). Bounded: cleared
+#: when full.
+_CACHE_LIMIT = 512
+_checked: dict[str, tuple[CompiledRule, Tree[Any]]] = {}
+_programs: dict[str, Any] = {}
+
+
+def _environment() -> celpy.Environment:
+    global _env
+    if _env is None:
+        _env = celpy.Environment()
+    return _env
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,12 +347,20 @@ def _tree_depth(tree: Tree[Any]) -> int:
 
 def check_rule(expression: Any) -> CompiledRule:
     """Parse, type-check and bound ``expression``; raise :class:`RuleError` if it fails."""
+    return _check(expression)[0]
+
+
+def _check(expression: Any) -> tuple[CompiledRule, Tree[Any]]:
+    if isinstance(expression, str):
+        known = _checked.get(expression)
+        if known is not None:
+            return known
     if not isinstance(expression, str) or not expression.strip():
         raise RuleError("rule expression must be a non-empty string")
     if len(expression) > MAX_SOURCE:
         raise RuleError(f"rule expression longer than {MAX_SOURCE} characters")
     try:
-        tree = _ENV.compile(expression)
+        tree = _environment().compile(expression)
     except RecursionError:
         raise RuleError("rule nests too deeply to parse") from None
     except Exception as exc:  # the CEL library's errors are translated, never leaked
@@ -354,7 +379,11 @@ def check_rule(expression: Any) -> CompiledRule:
         raise RuleError(f"rule could not be checked: {type(exc).__name__}") from None
     if result != "bool":
         raise RuleError(f"rule must evaluate to bool, not {result}")
-    return CompiledRule(source=expression, nodes=checker.nodes)
+    checked = (CompiledRule(source=expression, nodes=checker.nodes), tree)
+    if len(_checked) >= _CACHE_LIMIT:
+        _checked.clear()
+    _checked[expression] = checked
+    return checked
 
 
 def _to_cel(value: Any) -> Any:
@@ -366,13 +395,18 @@ def evaluate(expression: str, record: Mapping[str, Any], patient: Mapping[str, A
 
     ``record`` and ``patient`` must carry exactly the fields of :data:`VARIABLES`.
     """
-    check_rule(expression)
+    _, tree = _check(expression)
     activation = {
         "record": _to_cel({k: record[k] for k in VARIABLES["record"]}),
         "patient": _to_cel({k: patient[k] for k in VARIABLES["patient"]}),
     }
     try:
-        program = _ENV.program(_ENV.compile(expression))
+        program = _programs.get(expression)
+        if program is None:
+            program = _environment().program(tree)
+            if len(_programs) >= _CACHE_LIMIT:
+                _programs.clear()
+            _programs[expression] = program
         result = program.evaluate(activation)
     except RecursionError:
         raise RuleError("rule evaluation recursed too deeply") from None
