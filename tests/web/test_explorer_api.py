@@ -315,6 +315,75 @@ def test_break_glass_declaration(server: ServerThread, net: Network) -> None:
     assert r.status_code == 200 and r.json()["entry"]
 
 
+def test_a_privacy_officer_reviews_a_break_glass_declaration(
+    server: ServerThread, net: Network
+) -> None:
+    ross = demo_token(server.url, "dr-ross")
+    body = {"patient": net.patient, "reason": "Collapsed in the waiting room, no history."}
+    declared = _post(server, "/api/break-glass", ross, body)
+    assert declared.status_code == 201, declared.text
+    bid = declared.json()["id"]
+    r = httpx.get(
+        f"{server.url}/fhir/Patient/{net.patient}/$everything",
+        headers={
+            "Authorization": f"Bearer {ross}",
+            "X-Purpose-Of-Use": "ETREAT",
+            "X-Break-Glass": "true",
+        },
+        timeout=60,
+    )
+    assert r.status_code == 200
+    officer = demo_token(server.url, "po-clinic")
+    # only the organisation's privacy officer sees and closes reviews
+    for who in ("dr-grey", "dr-ross", net.patient):
+        token = demo_token(server.url, who)
+        assert _get(server, "/api/break-glass/reviews", token).status_code == 403
+        verdict = {"outcome": "justified"}
+        assert _post(server, f"/api/break-glass/reviews/{bid}", token, verdict).status_code == 403
+    listed = _get(server, "/api/break-glass/reviews", officer, status="open")
+    assert listed.status_code == 200, listed.text
+    item = next(i for i in listed.json() if i["id"] == bid)
+    assert (item["actor"], item["org"], item["status"], item["reason"]) == (
+        "dr-ross",
+        "clinic",
+        "open",
+        body["reason"],
+    )
+    assert item["from"] <= item["until"] and not item["overdue"]
+    # the emergency read is listed under the declaration, with its access-log entry
+    assert item["reads"] and all(read["purpose"] == "ETREAT" for read in item["reads"])
+    entry = _get(server, f"/api/ledger/tx/{item['reads'][0]['tx']}", officer).json()
+    assert entry["type"] == "access.log" and entry["payload"]["break_glass"] is True
+    # bad outcomes and unknown declarations are refused before anything is signed
+    bad = _post(server, f"/api/break-glass/reviews/{bid}", officer, {"outcome": "fine"})
+    assert bad.status_code == 422
+    unknown = _post(
+        server, "/api/break-glass/reviews/" + "0" * 64, officer, {"outcome": "justified"}
+    )
+    assert unknown.status_code == 404
+    verdict = {"outcome": "unjustified", "note": "No emergency on record at that time."}
+    closed = _post(server, f"/api/break-glass/reviews/{bid}", officer, verdict)
+    assert closed.status_code == 200, closed.text
+    assert (closed.json()["status"], closed.json()["reviewer"]) == ("closed", "po-clinic")
+    # the review is on the ledger, signed by the officer's own key
+    tx = _get(server, f"/api/ledger/tx/{closed.json()['tx']}", officer).json()
+    assert tx["type"] == "breakglass.review" and tx["signer_principal"] == "po-clinic"
+    assert tx["payload"] == {"id": bid, "outcome": "unjustified", "note": verdict["note"]}
+    again = _post(server, f"/api/break-glass/reviews/{bid}", officer, verdict)
+    assert again.status_code == 409
+    item = next(
+        i for i in _get(server, "/api/break-glass/reviews", officer).json() if i["id"] == bid
+    )
+    assert (item["status"], item["outcome"], item["reviewer"]) == (
+        "closed",
+        "unjustified",
+        "po-clinic",
+    )
+    assert bid not in [
+        i["id"] for i in _get(server, "/api/break-glass/reviews", officer, status="open").json()
+    ]
+
+
 def test_custodians_from_the_ledger(server: ServerThread, net: Network) -> None:
     staff = demo_token(server.url, "system:hospital")
     patient = demo_token(server.url, net.patient)

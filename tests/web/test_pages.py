@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import Browser, Page, expect
 
 from .conftest import ConsoleErrors, ServerThread, assert_no_junk
-from .network import Network
+from .network import Network, demo_token
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -84,7 +85,7 @@ async def test_keyboard_only_sign_in_and_navigation(
     assert not errors.errors, errors.errors
 
 
-@pytest.mark.parametrize("who", ["patient", "dr-grey"])
+@pytest.mark.parametrize("who", ["patient", "dr-grey", "po-clinic"])
 async def test_phone_layout_and_labels(
     browser: Browser, server: ServerThread, net: Network, artifacts: Path, who: str
 ) -> None:
@@ -96,11 +97,17 @@ async def test_phone_layout_and_labels(
     assert await page.evaluate(OVERFLOW) <= 0
     assert await page.evaluate(UNLABELLED) == []
     await _sign_in(page, server.url, identity)
-    routes = (
-        ["/patient/timeline", "/patient/audit", "/patient/consent", "/patient/privacy", "/explorer"]
-        if who == "patient"
-        else ["/clinician", f"/clinician/patient/{net.patient}", "/explorer"]
-    )
+    routes = {
+        "patient": [
+            "/patient/timeline",
+            "/patient/audit",
+            "/patient/consent",
+            "/patient/privacy",
+            "/explorer",
+        ],
+        "dr-grey": ["/clinician", f"/clinician/patient/{net.patient}", "/explorer"],
+        "po-clinic": ["/clinician/reviews/all", "/explorer"],
+    }[who]
     for i, route in enumerate(routes):
         await page.goto(f"{server.url}/?n={i}#{route}")
         await _settled(page)
@@ -183,4 +190,50 @@ async def test_ledger_explorer(
     await page.goto(server.url + "/?n=2#/explorer")
     await page.get_by_test_id("blocks").get_by_role("link").first.click()
     await expect(page.get_by_role("heading", level=1)).to_contain_text("Block #")
+    assert not errors.errors, errors.errors
+
+
+async def test_privacy_officer_reviews_break_glass(
+    browser: Browser, server: ServerThread, net: Network, artifacts: Path
+) -> None:
+    ross = demo_token(server.url, "dr-ross")
+    async with httpx.AsyncClient(timeout=60) as http:
+        declared = await http.post(
+            server.url + "/api/break-glass",
+            json={"patient": net.patient, "reason": "Found unresponsive at the bus stop."},
+            headers={"Authorization": f"Bearer {ross}"},
+        )
+    assert declared.status_code == 201, declared.text
+    bid = declared.json()["id"]
+    page = await browser.new_page()
+    errors = ConsoleErrors(page)
+    # a physician has no review page in the menu
+    await _sign_in(page, server.url, "dr-grey")
+    await expect(page.get_by_role("link", name="Break-glass reviews")).to_have_count(0)
+    await page.locator("#sign-out").click()
+    await _sign_in(page, server.url, "po-clinic")
+    await page.get_by_role("link", name="Break-glass reviews").click()
+    await _settled(page)
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Break-glass reviews")
+    card = page.locator(f"[data-testid=review][data-id='{bid}']")
+    await expect(card).to_contain_text("Found unresponsive at the bus stop.")
+    await expect(card).to_contain_text("Awaiting review")
+    await assert_no_junk(page)
+    assert await page.evaluate(UNLABELLED) == []
+    # no outcome chosen: refused in the page, nothing sent
+    await card.get_by_role("button", name="Record the review").click()
+    await expect(page.locator("#alert")).to_contain_text("Choose an outcome")
+    await card.get_by_label("Justified: a genuine emergency").check()
+    await card.get_by_label("Note for the record").fill("Checked with the ward: cardiac arrest.")
+    await card.get_by_role("button", name="Record the review").click()
+    # reviewed: it leaves the "awaiting" list and shows under "Reviewed" with the verdict
+    await expect(page.locator(f"[data-testid=review][data-id='{bid}']")).to_have_count(0)
+    await page.get_by_role("link", name="Reviewed").click()
+    await _settled(page)
+    done = page.locator(f"[data-testid=review][data-id='{bid}']")
+    await expect(done).to_contain_text("Reviewed: justified")
+    await expect(done).to_contain_text("po-clinic")
+    await expect(done).to_contain_text("Checked with the ward: cardiac arrest.")
+    await expect(done.get_by_role("button", name="Record the review")).to_have_count(0)
+    await page.screenshot(path=str(artifacts / "break-glass-reviews.png"), full_page=True)
     assert not errors.errors, errors.errors

@@ -22,7 +22,13 @@ Who may see what:
 Break-glass (``POST /break-glass``): an emergency clinician opens an emergency
 access window with a reason (``breakglass.declare``, signed by their
 organisation's node); FHIR reads with ``X-Purpose-Of-Use: ETREAT`` and
-``X-Break-Glass: true`` then succeed, each logged as break-glass.
+``X-Break-Glass: true`` then succeed, each logged as break-glass. Every
+declaration awaits review by a privacy officer of the same organisation:
+``GET /break-glass/reviews`` lists the organisation's declarations (open ones
+first, by deadline) with the break-glass reads logged under each, and
+``POST /break-glass/reviews/{id}`` closes one (``breakglass.review``, signed with
+the officer's own key, which this node must hold; otherwise the officer signs
+with ``medledger breakglass review``).
 
 Access requests (``/access-requests``): a refused clinician asks the patient for
 access; the patient answers with a consent (on the ledger, through the FHIR API)
@@ -53,11 +59,14 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import BaseModel, Field, StringConstraints
 
 from medledger.contracts._common import PURPOSES
+from medledger.contracts.base import scan_objs
+from medledger.contracts.breakglass_v1 import k_bg, k_review
 from medledger.contracts.core import ROLES, k_key, k_principal
 from medledger.crypto.signing import VerifyKey
 from medledger.encoding import decode
 from medledger.errors import (
     CheckpointError,
+    Conflict,
     IntegrityError,
     MedledgerError,
     NotFound,
@@ -819,4 +828,156 @@ async def declare_break_glass(
         "actor": viewer.subject,
         "org": viewer.org,
         "until": until,
+    }
+
+
+# -- break-glass reviews -----------------------------------------------------------------------
+
+
+class BreakGlassReviewIn(BaseModel):
+    outcome: Literal["justified", "unjustified"]
+    note: str = Field(default="", max_length=1000)
+
+
+async def _privacy_officer(runtime: Any, viewer: Viewer) -> str:
+    """The organisation the caller reviews for: an active privacy officer of an org of
+    this node; 403 otherwise."""
+    if viewer.kind != "practitioner" or viewer.org is None:
+        raise HTTPException(403, "only a privacy officer reviews break-glass declarations")
+    raw = await _node(runtime).state_get(k_principal(viewer.subject))
+    principal = decode(raw) if raw is not None else {}
+    if (
+        principal.get("status") != "active"
+        or principal.get("org") != viewer.org
+        or "privacy-officer" not in (principal.get("roles") or [])
+    ):
+        raise HTTPException(403, "only a privacy officer reviews break-glass declarations")
+    if viewer.org not in (getattr(runtime, "orgs", {}) or {}):
+        raise HTTPException(403, f"this node does not act for {viewer.org}")
+    return viewer.org
+
+
+@router.get(
+    "/break-glass/reviews",
+    summary="The organisation's break-glass declarations, their reviews and the reads under them",
+    responses={**_ERRORS, 403: {"description": "not a privacy officer"}},
+)
+async def list_break_glass_reviews(
+    runtime: Runtime,
+    viewer: CurrentViewer,
+    status: Annotated[Literal["open", "closed", "all"], Query()] = "all",
+) -> list[dict[str, Any]]:
+    """Every declaration of the caller's organisation with its review (open ones first,
+    soonest deadline first; then closed ones, latest first), each with the break-glass
+    reads its actor made of the patient during the window (from the ledger's access
+    log: time, outcome, purpose, resource types, records and the entry's transaction).
+    ``overdue``: open past its deadline.
+    """
+    org = await _privacy_officer(runtime, viewer)
+    node = _node(runtime)
+    now = node.clock()
+
+    def _read(state: StateReader) -> list[dict[str, Any]]:
+        out = []
+        for _, review in scan_objs(state, k_review()):
+            if review.get("org") != org or (status != "all" and review["status"] != status):
+                continue
+            patient, bid = review["patient"], review["id"]
+            raw = state.get(k_bg(patient, bid))
+            declared = decode(raw) if raw is not None else {}
+            start, until = declared.get("from", 0), declared.get("until", 0)
+            reads = []
+            for _, entry in scan_objs(state, f"audit/{patient}/".encode()):
+                if (
+                    entry.get("break_glass")
+                    and entry.get("actor") == review["actor"]
+                    and start <= int(entry.get("time") or 0) < until
+                ):
+                    reads.append(
+                        {
+                            "tx": entry["tx"].hex() if isinstance(entry["tx"], bytes) else None,
+                            "time": entry.get("time"),
+                            "outcome": entry.get("outcome"),
+                            "purpose": entry.get("purpose"),
+                            "resource_types": list(entry.get("resource_types") or []),
+                            "records": list(entry.get("records") or []),
+                        }
+                    )
+            out.append(
+                {
+                    "id": bid,
+                    "patient": patient,
+                    "actor": review["actor"],
+                    "org": org,
+                    "reason": declared.get("reason"),
+                    "resource_types": list(declared.get("resource_types") or []),
+                    "from": start,
+                    "until": until,
+                    "deadline": review["deadline"],
+                    "overdue": review["status"] == "open" and review["deadline"] < now,
+                    "status": review["status"],
+                    "outcome": review.get("outcome"),
+                    "note": review.get("note"),
+                    "reviewer": review.get("reviewer"),
+                    "closed_at": review.get("closed_at"),
+                    "reads": reads,
+                }
+            )
+        return out
+
+    items = await node.read(_read)
+    open_ = sorted((i for i in items if i["status"] == "open"), key=lambda i: i["deadline"])
+    closed = sorted(
+        (i for i in items if i["status"] != "open"),
+        key=lambda i: i["closed_at"] or 0,
+        reverse=True,
+    )
+    return (open_ + closed)[:MAX_PAGE]
+
+
+@router.post(
+    "/break-glass/reviews/{declaration}",
+    summary="A privacy officer closes the review of a break-glass declaration",
+    responses={
+        **_ERRORS,
+        403: {"description": "not a privacy officer of the declaring organisation"},
+        409: {"description": "already reviewed"},
+        422: {"description": "this node does not hold the officer's key"},
+    },
+)
+async def review_break_glass(
+    body: BreakGlassReviewIn,
+    runtime: Runtime,
+    viewer: CurrentViewer,
+    declaration: Annotated[str, Path(pattern=r"^[0-9a-f]{64}$")],
+) -> dict[str, Any]:
+    """Record the outcome (``breakglass.review``), signed with the officer's own key."""
+    org = await _privacy_officer(runtime, viewer)
+    raw = await _node(runtime).state_get(k_review(declaration))
+    if raw is None:
+        raise HTTPException(404, f"no break-glass declaration {declaration}")
+    if decode(raw).get("org") != org:
+        raise HTTPException(403, "a privacy officer reviews only their own organisation's")
+    key = await runtime.fhir.practitioner_key(viewer.subject)
+    if key is None:
+        raise HTTPException(
+            422,
+            f"this node does not hold the key of {viewer.subject}: sign the review with "
+            "your own key (medledger breakglass review)",
+        )
+    payload = {"id": declaration, "outcome": body.outcome, "note": body.note.strip()}
+    try:
+        receipt = await runtime.submitter.submit(key, "breakglass.review", payload)
+    except Conflict as exc:
+        raise HTTPException(409, str(exc)) from exc
+    except Unauthorized as exc:
+        raise HTTPException(403, str(exc)) from exc
+    except TransactionRejected as exc:
+        raise HTTPException(422, str(exc)) from exc
+    return {
+        "id": declaration,
+        "status": "closed",
+        "outcome": body.outcome,
+        "reviewer": viewer.subject,
+        "tx": receipt.tx_id.hex(),
     }

@@ -307,7 +307,7 @@ class FhirService:
         roles = principal.get("roles") or []
         if not any(rtype in ROLE_TYPES.get(r, ()) for r in roles):
             raise _err(403, "forbidden", f"roles {sorted(roles)} may not write {rtype}")
-        return org, await self._practitioner_key(caller.id)
+        return org, await self.practitioner_key(caller.id)
 
     async def _identity(self, name: str, *, create: bool = False) -> Identity | None:
         """A keystore identity (cached); the file work and scrypt run off the event loop."""
@@ -324,7 +324,7 @@ class FhirService:
                 self._identities[name] = ident
         return ident
 
-    async def _practitioner_key(self, pid: str) -> SigningKey | None:
+    async def practitioner_key(self, pid: str) -> SigningKey | None:
         """The practitioner's own signing key, when the keystore holds it (authorship on ledger)."""
         try:
             ident = await self._identity(pid)

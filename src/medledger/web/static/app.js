@@ -7,6 +7,7 @@ import { patientTimeline, patientPrivacy } from "./patient.js";
 import { patientAudit } from "./audit.js";
 import { patientConsent } from "./consent.js";
 import { clinicianSearch, clinicianPatient } from "./clinician.js";
+import { breakGlassReviews, mayReview } from "./reviews.js";
 import { explorerHome, explorerBlock, explorerTx } from "./explorer.js";
 
 const main = () => document.getElementById("main");
@@ -41,11 +42,20 @@ function homeRoute() {
   return { patient: "#/patient/timeline", practitioner: "#/clinician", system: "#/explorer" }[kind()] || "#/signin";
 }
 
+function navItems() {
+  const items = NAV[kind()] || NAV.none;
+  if (kind() !== "practitioner" || !mayReview()) return items;
+  return [items[0], ["#/clinician/reviews", "Break-glass reviews"], ...items.slice(1)];
+}
+
 function renderNav(hash) {
   const nav = document.getElementById("nav");
-  const items = NAV[kind()] || NAV.none;
+  const items = navItems();
+  // the most specific link the page is under is the current one
+  const current = items.map(([href]) => href).filter((href) => hash.startsWith(href))
+    .sort((a, b) => b.length - a.length)[0];
   replace(nav, h("ul", {}, items.map(([href, label]) =>
-    h("li", {}, h("a", { href, "aria-current": hash.startsWith(href) ? "page" : null }, label)))));
+    h("li", {}, h("a", { href, "aria-current": href === current ? "page" : null }, label)))));
   const who = document.getElementById("who");
   const s = getSession();
   if (s) {
@@ -177,6 +187,7 @@ const ROUTES = [
   [/^#\/patient\/privacy$/, "patient", patientPrivacy],
   [/^#\/clinician$/, "practitioner", clinicianSearch],
   [/^#\/clinician\/patient\/([A-Za-z0-9._-]+)$/, "practitioner", clinicianPatient],
+  [/^#\/clinician\/reviews(?:\/(open|closed|all))?$/, "practitioner", breakGlassReviews],
   [/^#\/explorer$/, "any", explorerHome],
   [/^#\/explorer\/block\/(\d+)$/, "any", explorerBlock],
   [/^#\/explorer\/tx\/([0-9a-fA-F]{64})$/, "any", explorerTx],
