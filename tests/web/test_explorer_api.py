@@ -334,10 +334,17 @@ def test_a_privacy_officer_reviews_a_break_glass_declaration(
     )
     assert r.status_code == 200
     officer = demo_token(server.url, "po-clinic")
-    # only the organisation's privacy officer sees and closes reviews
+    # only the organisation's privacy officer sees and closes reviews (a patient sees the
+    # declarations about them, without the reads: those are in their own access record)
     for who in ("dr-grey", "dr-ross", net.patient):
         token = demo_token(server.url, who)
-        assert _get(server, "/api/break-glass/reviews", token).status_code == 403
+        listed = _get(server, "/api/break-glass/reviews", token)
+        if who == net.patient:
+            mine = [i for i in listed.json() if i["id"] == bid]
+            assert len(mine) == 1 and mine[0]["status"] == "open" and mine[0]["reads"] == []
+            assert {i["patient"] for i in listed.json()} == {net.patient}
+        else:
+            assert listed.status_code == 403
         verdict = {"outcome": "justified"}
         assert _post(server, f"/api/break-glass/reviews/{bid}", token, verdict).status_code == 403
     listed = _get(server, "/api/break-glass/reviews", officer, status="open")

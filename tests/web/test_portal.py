@@ -14,11 +14,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, Route, expect
 
 from .conftest import ConsoleErrors, ServerThread, assert_no_junk
-from .network import Network
+from .network import Network, demo_token
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -171,6 +172,10 @@ async def test_consent_break_glass_and_verified_audit(
     await expect(glass.first).to_have_attribute("data-verified", "true")
     await expect(glass.first.get_by_text("Emergency access (break-glass)")).to_be_visible()
     await expect(page.get_by_test_id("audit-summary")).to_contain_text("emergency (break-glass)")
+    # ... with the review its declaration awaits, and the reason the clinician gave
+    review = glass.first.get_by_test_id("review-status")
+    await expect(review).to_contain_text("Awaiting review")
+    await expect(review).to_contain_text("Unconscious on arrival at the emergency department")
     await patient.shot(artifacts, "patient-who-saw-my-data")
 
     # -- a tampered proof is NOT marked verified
@@ -197,6 +202,22 @@ async def test_consent_break_glass_and_verified_audit(
         await expect(others.nth(i)).to_have_attribute("data-verified", "true")
     await patient.shot(artifacts, "patient-tampered-proof")
     await page.unroute(f"**/api/ledger/tx/{target}/proof")
+
+    # -- the clinic's privacy officer reviews the emergency access; the patient sees the verdict
+    officer = {"Authorization": f"Bearer {demo_token(patient.base, 'po-clinic')}"}
+    async with httpx.AsyncClient(base_url=patient.base, headers=officer, timeout=60) as http:
+        open_ = (await http.get("/api/break-glass/reviews", params={"status": "open"})).json()
+        mine = [d for d in open_ if d["patient"] == pid and d["actor"] == "dr-ross"]
+        assert len(mine) == 1 and mine[0]["reads"], open_
+        verdict = {"outcome": "justified", "note": "Confirmed with the emergency department."}
+        done = await http.post(f"/api/break-glass/reviews/{mine[0]['id']}", json=verdict)
+        assert done.status_code == 200, done.text
+    await page.reload()
+    review = page.locator("li[data-who=dr-ross][data-break-glass=true]").first
+    await expect(review.get_by_test_id("review-status")).to_contain_text("Reviewed: justified")
+    await expect(review.get_by_test_id("review-status")).to_contain_text(
+        "Riverside Clinic's privacy officer"
+    )
 
     for u in people.values():
         assert not u.errors.errors, u.errors.errors

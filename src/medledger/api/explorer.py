@@ -25,7 +25,8 @@ organisation's node); FHIR reads with ``X-Purpose-Of-Use: ETREAT`` and
 ``X-Break-Glass: true`` then succeed, each logged as break-glass. Every
 declaration awaits review by a privacy officer of the same organisation:
 ``GET /break-glass/reviews`` lists the organisation's declarations (open ones
-first, by deadline) with the break-glass reads logged under each, and
+first, by deadline) with the break-glass reads logged under each (to a patient:
+the declarations about them, from every organisation, and their reviews), and
 ``POST /break-glass/reviews/{id}`` closes one (``breakglass.review``, signed with
 the officer's own key, which this node must hold; otherwise the officer signs
 with ``medledger breakglass review``).
@@ -860,7 +861,7 @@ async def _privacy_officer(runtime: Any, viewer: Viewer) -> str:
 @router.get(
     "/break-glass/reviews",
     summary="The organisation's break-glass declarations, their reviews and the reads under them",
-    responses={**_ERRORS, 403: {"description": "not a privacy officer"}},
+    responses={**_ERRORS, 403: {"description": "neither a privacy officer nor a patient"}},
 )
 async def list_break_glass_reviews(
     runtime: Runtime,
@@ -872,22 +873,36 @@ async def list_break_glass_reviews(
     reads its actor made of the patient during the window (from the ledger's access
     log: time, outcome, purpose, resource types, records and the entry's transaction).
     ``overdue``: open past its deadline.
+
+    A patient gets the declarations about them, from every organisation, with their
+    reviews (the reads are in their own access record already).
     """
-    org = await _privacy_officer(runtime, viewer)
+    patient_view = viewer.kind == "patient"
+    org = None if patient_view else await _privacy_officer(runtime, viewer)
     node = _node(runtime)
     now = node.clock()
 
+    def _reviews(state: StateReader) -> list[dict[str, Any]]:
+        if not patient_view:
+            return [r for _, r in scan_objs(state, k_review()) if r.get("org") == org]
+        out = []
+        for _, declared in scan_objs(state, k_bg(viewer.subject)):
+            raw = state.get(k_review(declared["id"]))
+            if raw is not None:
+                out.append(decode(raw))
+        return out
+
     def _read(state: StateReader) -> list[dict[str, Any]]:
         out = []
-        for _, review in scan_objs(state, k_review()):
-            if review.get("org") != org or (status != "all" and review["status"] != status):
+        for review in _reviews(state):
+            if status != "all" and review["status"] != status:
                 continue
             patient, bid = review["patient"], review["id"]
             raw = state.get(k_bg(patient, bid))
             declared = decode(raw) if raw is not None else {}
             start, until = declared.get("from", 0), declared.get("until", 0)
-            reads = []
-            for _, entry in scan_objs(state, f"audit/{patient}/".encode()):
+            reads: list[dict[str, Any]] = []
+            for _, entry in () if patient_view else scan_objs(state, f"audit/{patient}/".encode()):
                 if (
                     entry.get("break_glass")
                     and entry.get("actor") == review["actor"]
@@ -908,7 +923,7 @@ async def list_break_glass_reviews(
                     "id": bid,
                     "patient": patient,
                     "actor": review["actor"],
-                    "org": org,
+                    "org": review["org"],
                     "reason": declared.get("reason"),
                     "resource_types": list(declared.get("resource_types") or []),
                     "from": start,

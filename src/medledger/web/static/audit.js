@@ -143,6 +143,28 @@ function auditItem(ae, patientId) {
   return { li, summary: s, vslot, detail, event: ae };
 }
 
+/** The break-glass declaration (with its review) an emergency access was made under. */
+function declarationFor(declarations, summary) {
+  const t = Date.parse(summary.time || "");
+  if (Number.isNaN(t)) return null;
+  return declarations.find((d) => d.actor === summary.whoId && d.from <= t && t < d.until) || null;
+}
+
+function reviewLine(d) {
+  let state;
+  if (d.status !== "open") {
+    state = [badge(d.outcome === "justified" ? "Reviewed: justified" : "Reviewed: not justified", d.outcome === "justified" ? "ok" : "bad"),
+      ` by ${orgName(d.org)}'s privacy officer`, d.closed_at ? h("span", {}, " on ", timeEl(d.closed_at, true)) : "",
+      d.note ? `: ${d.note}` : "."];
+  } else if (d.overdue) {
+    state = [badge("Review overdue", "bad"), ` ${orgName(d.org)}'s privacy officer was due to review this emergency access by `, timeEl(d.deadline, true), "."];
+  } else {
+    state = [badge("Awaiting review", "pending"), ` ${orgName(d.org)}'s privacy officer reviews this emergency access by `, timeEl(d.deadline, true), "."];
+  }
+  return h("p", { class: "small", "data-testid": "review-status" }, ...state,
+    d.reason ? h("span", {}, " Reason given: ", h("q", {}, d.reason)) : "");
+}
+
 function describe(result) {
   const parts = [`Checked in your browser: entry ${result.leafIndex + 1} of ${result.treeSize} in the ledger`];
   if (result.signers && result.signers.length) parts.push(`in a checkpoint signed by ${result.signers.map((n) => orgName(n.split("/").pop())).join(", ")}`);
@@ -197,6 +219,19 @@ export async function patientAudit(root) {
   }
   root.append(hideOwn.wrap, h("ul", { class: "list", "data-testid": "audit-list" }, items.map((i) => i.li)));
   applyFilter();
+  if (glass) {
+    // each emergency access with the review of the declaration it was made under
+    let declarations = [];
+    try {
+      declarations = await request("/api/break-glass/reviews");
+    } catch {
+      declarations = [];
+    }
+    for (const i of items) {
+      const d = i.summary.breakGlass ? declarationFor(declarations, i.summary) : null;
+      if (d) i.detail.before(reviewLine(d));
+    }
+  }
   if (search.more) root.append(notice("", "Only the most recent entries are shown."));
 
   let done = 0;
