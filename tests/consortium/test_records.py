@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -204,14 +205,11 @@ async def test_refusals_without_a_decision(setup: Setup) -> None:
     assert await AccessService(s.custodian.node, s.sub, {}).audit_feed(s.patient) == []
 
 
-async def test_a_read_already_logged_by_the_readers_node_is_not_logged_twice(
-    setup: Setup,
-) -> None:
-    s = setup
-    # the reader's node (org-2) decides and logs first, then asks the custodian
-    entry = {
+def _permit_entry(s: Setup, actor: str) -> dict[str, Any]:
+    """The access.log payload of the reader's node (org-2) permitting ``actor``'s read."""
+    return {
         "request": "req-" + secrets.token_hex(8),
-        "actor": "phys-b",
+        "actor": actor,
         "org": "org-2",
         "role": "physician",
         "on_behalf": None,
@@ -226,6 +224,14 @@ async def test_a_read_already_logged_by_the_readers_node_is_not_logged_twice(
         "break_glass": False,
         "time": s.custodian.node.clock(),
     }
+
+
+async def test_a_read_already_logged_by_the_readers_node_is_not_logged_twice(
+    setup: Setup,
+) -> None:
+    s = setup
+    # the reader's node (org-2) decides and logs first, then asks the custodian
+    entry = _permit_entry(s, "phys-b")
     logged = await s.sub.submit(s.reader.node_key, "access.log", entry)
     remote = await s.client.fetch_record(
         "org-1", RecordRequest(s.record, actor="phys-b", access_tx=logged.tx_id)
@@ -258,23 +264,7 @@ async def test_a_custodian_behind_the_readers_node_waits_for_its_entry_then_serv
     kid = s.reader.node_key.public.key_id
     raw = await s.custodian.node.state_get(k_seq(kid))
     seq = 0 if raw is None else int(decode(raw))
-    entry = {
-        "request": "req-" + secrets.token_hex(8),
-        "actor": "phys-c",
-        "org": "org-2",
-        "role": "physician",
-        "on_behalf": None,
-        "patient": s.patient,
-        "resource_types": ["Observation"],
-        "records": [s.record],
-        "purpose": "TREAT",
-        "action": "access",
-        "outcome": "permit",
-        "consents": [],
-        "rule": "default",
-        "break_glass": False,
-        "time": s.custodian.node.clock(),
-    }
+    entry = _permit_entry(s, "phys-c")
     logged = make_tx(
         s.reader.node_key, NETWORK, "access.log", entry, seq=seq + 1, time=entry["time"]
     )

@@ -139,15 +139,19 @@ def test_patient_rule_grants_access_org_rule_only_marks(ledger: Ledger) -> None:
     assert ledger.get("grant/lab1/org:h3") is None
 
 
+#: the variables of one record, as rules see them
+RECORD = {
+    "id": "r",
+    "resource_type": "Observation",
+    "category": "",
+    "custodian": "h1",
+    "version": 1,
+    "effective": 0,
+}
+
+
 def test_evaluation_is_deterministic_and_bounded() -> None:
-    rec = {
-        "id": "r",
-        "resource_type": "Observation",
-        "category": "",
-        "custodian": "h1",
-        "version": 1,
-        "effective": 0,
-    }
+    rec = dict(RECORD)
     pat = {"id": "p", "orgs": ["h1", "h2"]}
     expr = (
         'patient.orgs.exists(o, patient.orgs.all(p, p != o || o.startsWith("h")))'
@@ -163,14 +167,7 @@ def test_a_checked_rule_is_kept_and_evaluates_afresh_for_every_record() -> None:
     expr = 'record.custodian == "h1" && "h2" in patient.orgs'
     first = cel_rules.check_rule(expr)
     assert cel_rules.check_rule(expr) is first  # parsed and checked once
-    rec = {
-        "id": "r",
-        "resource_type": "Observation",
-        "category": "",
-        "custodian": "h1",
-        "version": 1,
-        "effective": 0,
-    }
+    rec = dict(RECORD)
     # the kept program sees each evaluation's own variables, in any order
     verdicts = [
         cel_rules.evaluate(expr, {**rec, "custodian": custodian}, {"id": "p", "orgs": orgs})

@@ -303,16 +303,21 @@ def test_break_glass_declaration(server: ServerThread, net: Network) -> None:
     assert tx["type"] == "breakglass.declare" and tx["signer_principal"] == "node:clinic"
     assert tx["payload"]["actor"] == "dr-ross"
     # and it opens emergency reads
-    r = httpx.get(
-        f"{server.url}/fhir/Patient/{net.patient}/$everything",
+    r = _emergency_read(server, ross, net.patient)
+    assert r.status_code == 200 and r.json()["entry"]
+
+
+def _emergency_read(server: ServerThread, token: str, patient: str) -> httpx.Response:
+    """``$everything`` of the patient under break-glass."""
+    return httpx.get(
+        f"{server.url}/fhir/Patient/{patient}/$everything",
         headers={
-            "Authorization": f"Bearer {ross}",
+            "Authorization": f"Bearer {token}",
             "X-Purpose-Of-Use": "ETREAT",
             "X-Break-Glass": "true",
         },
         timeout=60,
     )
-    assert r.status_code == 200 and r.json()["entry"]
 
 
 def test_a_privacy_officer_reviews_a_break_glass_declaration(
@@ -323,16 +328,7 @@ def test_a_privacy_officer_reviews_a_break_glass_declaration(
     declared = _post(server, "/api/break-glass", ross, body)
     assert declared.status_code == 201, declared.text
     bid = declared.json()["id"]
-    r = httpx.get(
-        f"{server.url}/fhir/Patient/{net.patient}/$everything",
-        headers={
-            "Authorization": f"Bearer {ross}",
-            "X-Purpose-Of-Use": "ETREAT",
-            "X-Break-Glass": "true",
-        },
-        timeout=60,
-    )
-    assert r.status_code == 200
+    assert _emergency_read(server, ross, net.patient).status_code == 200
     officer = demo_token(server.url, "po-clinic")
     # only the organisation's privacy officer sees and closes reviews (a patient sees the
     # declarations about them, without the reads: those are in their own access record)
