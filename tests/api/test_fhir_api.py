@@ -447,6 +447,42 @@ def test_search_parameters_and_paging(api: Api) -> None:
     outcome(api.get("Observation?date=2021-13-45&patient=" + pid, who), 400)
 
 
+def test_a_patient_is_found_by_an_identifier_of_the_searching_organisation(
+    api: Api, network_dir: Path
+) -> None:
+    body = synthea_patient(2)
+    tag = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:10]
+    mrn, ssn = f"MRN-{tag}", f"999-{tag[:2]}-{tag[2:6]}"
+    body["identifier"] = [
+        {"system": "http://hospital.smarthealthit.org", "value": mrn},
+        {"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn},
+    ]
+    pid = api.new_patient("hospital", body)
+    staff = "system:hospital"
+
+    def found(query: str, who: str = staff) -> list[str]:
+        r = api.get(f"Patient?{query}", who)
+        assert r.status_code == 200, r.text
+        return [p["id"] for p in entries(r.json())]
+
+    # by system|value or by value in any system; an identifier search is one logged access
+    before = len(api.audit(pid))
+    assert found(f"identifier=http://hospital.smarthealthit.org|{mrn}") == [pid]
+    assert len(api.audit(pid)) == before + 1
+    assert found(f"identifier={ssn}") == [pid]
+    assert found(f"identifier=http://hl7.org/fhir/sid/us-ssn|{mrn}") == []
+    assert found("identifier=MRN-none") == []
+    # an MRN means something only to the organisation that issued it: another
+    # organisation's staff find nothing (no lookup of the hospital's identifiers)
+    assert found(f"identifier={mrn}", "system:clinic") == []
+    # the patient finds only themself
+    assert found(f"identifier={mrn}", f"patient:{pid}") == [pid]
+    # the identifiers are searchable but nowhere in the record store in plain text
+    files = [network_dir / "records.db", network_dir / "records.db-wal"]
+    raw = b"".join(f.read_bytes() for f in files if f.exists())
+    assert len(raw) > 10_000 and mrn.encode() not in raw and ssn.encode() not in raw
+
+
 def test_duplicate_check_across_custodians(api: Api) -> None:
     pid = api.new_patient("hospital")
     api.observation(pid, "lab", when="2020-06-01T09:00:00Z", value=6.5)

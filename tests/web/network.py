@@ -1,7 +1,8 @@
 """A small embedded network with real data, served by the real app, for the browser tests.
 
 Three organisations (a hospital, a clinic and a laboratory); a physician, an
-emergency clinician and a privacy officer at the clinic; one Synthea patient
+emergency clinician and a privacy officer at the clinic, a physician at the
+hospital; one Synthea patient
 whose encounters are held by the hospital and whose lab results are held by the
 laboratory, imported through the FHIR API itself with each organisation's
 system client.
@@ -35,6 +36,7 @@ PRACTITIONERS = [
     ("dr-grey", "clinic", ["physician"]),
     ("dr-ross", "clinic", ["emergency-clinician", "physician"]),
     ("po-clinic", "clinic", ["privacy-officer"]),
+    ("dr-hale", "hospital", ["physician"]),
 ]
 FHIR_JSON = "application/fhir+json"
 

@@ -206,7 +206,7 @@ def test_verify_endpoint(server: ServerThread) -> None:
 def test_directory(server: ServerThread) -> None:
     doc = _get(server, "/api/ledger/directory", demo_token(server.url, "dr-grey")).json()
     assert {o["id"] for o in doc["orgs"]} == {"hospital", "clinic", "lab"}
-    assert {p["id"] for p in doc["practitioners"]} == {"dr-grey", "dr-ross", "po-clinic"}
+    assert {p["id"] for p in doc["practitioners"]} == {"dr-grey", "dr-ross", "po-clinic", "dr-hale"}
     assert "TREAT" in doc["purposes"] and "physician" in doc["roles"]
 
 

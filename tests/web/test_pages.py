@@ -237,3 +237,29 @@ async def test_privacy_officer_reviews_break_glass(
     await expect(done.get_by_role("button", name="Record the review")).to_have_count(0)
     await page.screenshot(path=str(artifacts / "break-glass-reviews.png"), full_page=True)
     assert not errors.errors, errors.errors
+
+
+async def test_a_clinician_finds_their_organisations_patient_by_mrn(
+    browser: Browser, server: ServerThread, net: Network
+) -> None:
+    mrn = "7322ed57-a337-4b4d-adcc-cc30db95203c"  # the hospital's MRN in tests/web/data
+    page = await browser.new_page()
+    errors = ConsoleErrors(page)
+    await _sign_in(page, server.url, "dr-hale")  # a hospital physician
+    await _settled(page)
+    await page.get_by_label("Patient id or identifier").fill(
+        f"http://hospital.smarthealthit.org|{mrn}"
+    )
+    await page.locator("#patient-search").click()
+    results = page.get_by_test_id("search-results")
+    await expect(results.locator(f"a[href='#/clinician/patient/{net.patient}']")).to_be_visible()
+    await expect(results).to_contain_text("St Mary's Hospital")
+    # the same MRN means nothing at the clinic
+    await page.locator("#sign-out").click()
+    await _sign_in(page, server.url, "dr-grey")
+    await _settled(page)
+    await page.get_by_label("Patient id or identifier").fill(mrn)
+    await page.locator("#patient-search").click()
+    await expect(results).to_contain_text("No patient of your organisation has that identifier")
+    await expect(results.locator("a")).to_have_count(0)
+    assert not errors.errors, errors.errors

@@ -18,6 +18,13 @@ which agree on one rule: a coding ``system|code`` is indexed as
 ``(kind, system, code)`` and as ``(kind, None, code)`` (so ``code=4548-4``
 finds it in any system); a coding without a system also as ``(kind, "", code)``
 (what ``code=|4548-4`` asks for).
+
+A Patient has no clinical code; its business identifiers (``identifier``: an MRN,
+a national number) are indexed the same way as its ``code`` terms, so that
+``Patient?identifier=system|value`` (or just ``value``) finds the organisation's
+own patient. Like every index term they are stored only as tokens keyed by the
+custodian's index key (:func:`medledger.services.records.index_token`), never in
+plain text, and they are not part of the code commitment on the ledger.
 """
 
 from __future__ import annotations
@@ -208,6 +215,8 @@ class Extracted:
     resource_type: str = ""
     id: str | None = None
     last_updated: int | None = None
+    #: a Patient's business identifiers ``(system, value)``: searched, never committed
+    identifiers: list[tuple[str | None, str]] = field(default_factory=list)
 
     def code_strings(self) -> list[str]:
         """Codes as ``system|code`` (``|code`` without a system), e.g. for code commitments."""
@@ -216,7 +225,10 @@ class Extracted:
     def terms(self) -> list[tuple[str, str | None, str]]:
         """``(kind, system, value)`` index terms: kind ``code`` or ``category`` (see module doc)."""
         out: list[tuple[str, str | None, str]] = []
-        for kind, pairs in (("code", self.codes), ("category", self.categories)):
+        for kind, pairs in (
+            ("code", [*self.codes, *self.identifiers]),
+            ("category", self.categories),
+        ):
             for system, value in pairs:
                 out.append((kind, system or "", value))
                 out.append((kind, None, value))
@@ -321,6 +333,12 @@ def extract(resource: Mapping[str, Any]) -> Extracted:
     if isinstance(meta, dict) and isinstance(meta.get("lastUpdated"), str):
         updated = _date_of(meta["lastUpdated"])
     rid = resource.get("id")
+    identifiers: list[tuple[str | None, str]] = []
+    if rtype == "Patient":
+        for ident in resource.get("identifier") or []:
+            if isinstance(ident, dict) and isinstance(ident.get("value"), str) and ident["value"]:
+                system = ident.get("system")
+                identifiers.append((system if isinstance(system, str) else None, ident["value"]))
     return Extracted(
         patient=_patient_of(rtype, resource),
         codes=codes,
@@ -331,6 +349,7 @@ def extract(resource: Mapping[str, Any]) -> Extracted:
         resource_type=rtype,
         id=rid if isinstance(rid, str) else None,
         last_updated=updated,
+        identifiers=list(dict.fromkeys(identifiers)),
     )
 
 
@@ -395,6 +414,12 @@ def _build_params() -> dict[str, dict[str, tuple[str, str, str]]]:
         if _CODE_KEYS.get(rtype, _DEFAULT_CODE_KEYS):
             for name in code_names.get(rtype, ("code",)):
                 params[name] = ("token", "code", _code_doc(rtype))
+        if rtype == "Patient":
+            params["identifier"] = (
+                "token",
+                "code",
+                "Patient.identifier as system|value or value (comma separated: any of)",
+            )
         if _CATEGORY_KEYS.get(rtype, _DEFAULT_CATEGORY_KEYS):
             for name in category_names.get(rtype, ("category",)):
                 params[name] = ("token", "category", _category_doc(rtype))

@@ -880,7 +880,13 @@ class FhirService:
         if rtype == "AuditEvent":
             return await self.audit_search(auth, params, lenient=lenient)
         query = parse_search(rtype, list(params), lenient=lenient)
-        patient = await self._search_patient(auth, rtype, query.patient, query.ids)
+        if rtype == "Patient" and query.patient is None and not query.ids and query.codes:
+            found = await self._patient_by_identifier(auth, query)
+            if found is None:
+                return self._searchset([], 0, search_links(self.base_url, query, 0))
+            patient = found
+        else:
+            patient = await self._search_patient(auth, rtype, query.patient, query.ids)
         page: list[IndexEntry] = []
         total = 0
         if not query.impossible:
@@ -930,6 +936,42 @@ class FhirService:
         return await self.store.search(
             tokens=code_tokens or cat_tokens, offset=query.offset, limit=query.count, **kwargs
         )
+
+    async def _patient_by_identifier(self, auth: Auth, query: Any) -> str | None:
+        """The patient whose Patient record at the caller's organisation carries the
+        identifier searched (``Patient?identifier=system|value``), or None.
+
+        Only the caller's own organisation's identifiers are looked up (an MRN means
+        something only to the organisation that issued it); a patient finds only
+        themself. The search that follows is then an ordinary one-patient search:
+        one access decision, logged.
+        """
+        caller = auth.caller
+        if caller.kind == "patient":
+            return caller.id
+        if caller.org is None or caller.org not in self.orgs:
+            raise _err(
+                403,
+                "forbidden",
+                "an identifier search looks up the caller's own organisation's patients",
+                "identifier",
+            )
+        terms = list(query.code_terms())
+        if len(terms) > MAX_TOKENS:
+            raise _err(400, "too-costly", f"search at most {MAX_TOKENS} identifiers")
+        tokens = [self._token(caller.org, t) for t in terms]
+        found, _ = await self.store.search(
+            resource_type="Patient", custodian=caller.org, tokens=tokens, limit=2
+        )
+        owners = {e.patient for e in found if e.custodian == caller.org and not e.deleted}
+        if len(owners) > 1:
+            raise _err(
+                400,
+                "multiple-matches",
+                "the identifier matches more than one patient: give its system (system|value)",
+                "identifier",
+            )
+        return owners.pop() if owners else None
 
     async def _search_patient(
         self, auth: Auth, rtype: str, patient: str | None, ids: Sequence[str]

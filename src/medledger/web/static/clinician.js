@@ -9,6 +9,8 @@ import { renderTimeline, withheldNotice } from "./timeline.js";
 import { add, announce, choice, clearError, field, h, meta, notice, replace, setFieldError, showError, timeEl } from "./ui.js";
 
 const PATIENT_ID_RE = /^[A-Za-z0-9._-]{1,64}$/;
+/** An identifier your organisation gave the patient (an MRN), as value or system|value. */
+const IDENTIFIER_RE = /^[A-Za-z0-9._:\/#|-]{1,200}$/;
 const LOINC = "http://loinc.org";
 const COMMON_TESTS = [
   ["4548-4", "Hemoglobin A1c"],
@@ -33,9 +35,9 @@ function patientLink(id) {
 
 export async function clinicianSearch(root) {
   root.append(h("h1", {}, "Find a patient"),
-    h("p", { class: "muted" }, "Patients are known on the network by a pseudonymous id, which they can give you from their portal. Opening a record is an access decision: it is permitted only as the patient's consent allows, and it is recorded on the ledger either way."));
+    h("p", { class: "muted" }, "Patients are known on the network by a pseudonymous id, which they can give you from their portal; your own organisation's patients you can also find by the identifier you gave them, such as a medical record number. Opening a record is an access decision: it is permitted only as the patient's consent allows, and it is recorded on the ledger either way."));
   const form = h("form", { class: "card", role: "search", "aria-label": "Find a patient" });
-  const idField = field({ label: "Patient id", name: "patient-id", hint: "For example pat-0123abcd…", attrs: { autocomplete: "off", spellcheck: "false", autocapitalize: "off" } });
+  const idField = field({ label: "Patient id or identifier", name: "patient-id", hint: "A patient id such as pat-0123abcd…, or your organisation's identifier for the patient (an MRN; system|value to name its system)", attrs: { autocomplete: "off", spellcheck: "false", autocapitalize: "off" } });
   const submit = h("button", { type: "submit", id: "patient-search" }, "Search");
   form.append(idField.wrap, h("div", { class: "actions" }, submit));
   const results = h("div", { "aria-live": "polite", "data-testid": "search-results" });
@@ -45,8 +47,9 @@ export async function clinicianSearch(root) {
     ev.preventDefault();
     clearError();
     const id = idField.input.value.trim().replace(/^Patient\//, "");
-    if (!PATIENT_ID_RE.test(id)) {
-      setFieldError(idField.input, idField.errId, "Enter a patient id (letters, digits, '.', '-' or '_').");
+    const byId = id.startsWith("pat-") && PATIENT_ID_RE.test(id);
+    if (!byId && !IDENTIFIER_RE.test(id)) {
+      setFieldError(idField.input, idField.errId, "Enter a patient id or an identifier (letters, digits and . - _ : / | #).");
       idField.input.focus();
       return;
     }
@@ -54,10 +57,14 @@ export async function clinicianSearch(root) {
     submit.disabled = true;
     replace(results, h("p", { class: "muted" }, "Searching…"));
     try {
-      const bundle = await fhirGet(`/fhir/Patient?_id=${encodeURIComponent(id)}`);
+      const bundle = await fhirGet(`/fhir/Patient?${byId ? "_id" : "identifier"}=${encodeURIComponent(id)}`);
       const patients = (bundle.entry || []).map((e) => e.resource).filter((r) => r && r.resourceType === "Patient");
       await fillCustodians(patients);
       const withheld = withheldNotice(bundle);
+      if (!patients.length && !byId) {
+        replace(results, withheld || notice("", "No patient of your organisation has that identifier."));
+        return;
+      }
       if (!patients.length) {
         replace(results, withheld || notice("", "No patient with that id that you may see."),
           h("p", {}, h("a", { href: patientLink(id) }, "Open the record page anyway"), " (to request emergency access)."));
@@ -69,7 +76,10 @@ export async function clinicianSearch(root) {
         meta([["Born", p.birthDate], ["Gender", p.gender], ["Id", h("code", {}, p.id)], ["Held by", orgName(custodianOf(p))]])))));
       announce(`${patients.length} patient found.`);
     } catch (e) {
-      if (e instanceof ApiError && e.status === 403) {
+      if (e instanceof ApiError && e.status === 403 && !byId) {
+        replace(results, notice("bad", h("strong", {}, "Access denied. "), e.message));
+        announce("Access denied.");
+      } else if (e instanceof ApiError && e.status === 403) {
         replace(results, notice("bad", h("strong", {}, "Access denied. "), e.message),
           h("p", {}, h("a", { href: patientLink(id) }, "Open the record page"), " to request emergency (break-glass) access if this is an emergency."));
         announce("Access denied.");
