@@ -138,7 +138,17 @@ def test_break_glass_is_logged_and_reviewed(net: Path) -> None:
     assert decision["rule"] == "break-glass"
     feed = js(net, "audit", "--patient", patient)
     assert [e["break_glass"] for e in feed["entries"]] == [False, True]
+    # the organisation's open declarations, with the emergency read made under it
+    pending = js(net, "breakglass", "reviews", "--org", "org-3")
+    assert [(d["id"], d["actor"], d["status"]) for d in pending] == [(bg["id"], "er-1", "open")]
+    assert [r["outcome"] for r in pending[0]["reads"]] == ["permit"]
+    assert js(net, "breakglass", "reviews", "--org", "org-1") == []
+    listing = " ".join(run(net, "breakglass", "reviews", "--org", "org-3").stdout.split())
+    assert bg["id"] in listing and "1 read(s)" in listing and "unconscious on arrival" in listing
     js(net, "breakglass", "review", bg["id"], "--as", "po-1", "--outcome", "justified")
+    assert js(net, "breakglass", "reviews", "--org", "org-3") == []
+    done = js(net, "breakglass", "reviews", "--org", "org-3", "--status", "closed")
+    assert [(d["outcome"], d["reviewer"]) for d in done] == [("justified", "po-1")]
     # a second review of the same declaration is refused with one clear line
     again = run(
         net, "breakglass", "review", bg["id"], "--as", "po-1", "--outcome", "justified", ok=False

@@ -18,9 +18,10 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from medledger.contracts.access import AccessRequest
-from medledger.contracts.breakglass_v1 import overdue_reviews
+from medledger.contracts.breakglass_v1 import declarations, overdue_reviews
 from medledger.crypto.keystore import Identity
 from medledger.datadir import DataDir, default_data_dir
 from medledger.errors import MedledgerError
@@ -476,6 +477,43 @@ def breakglass_review(
     )
     doc = {"id": bid, "outcome": outcome, "index": r.index}
     _emit(doc, json_, f"review of {bid} closed: {outcome}")
+
+
+@breakglass_app.command("reviews")
+def breakglass_reviews(
+    org: Annotated[str, typer.Option("--org", help="Organisation whose declarations to list.")],
+    status: Annotated[str, typer.Option(help="open, closed or all")] = "open",
+    data_dir: DataDirOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """An organisation's break-glass declarations, their reviews and the reads under each."""
+    if status not in ("open", "closed", "all"):
+        raise AdminError("--status must be open, closed or all")
+
+    async def go() -> list[dict[str, Any]]:
+        dd = _dd(data_dir)
+        async with dd.node(read_only=True) as node:
+            now = _now()
+            found: list[dict[str, Any]] = await node.read(
+                lambda st: declarations(st, now, org=org, status=status)
+            )
+            return found
+
+    items = _run(go())
+    if json_:
+        sys.stdout.write(json.dumps(items, indent=2, default=str) + "\n")
+        return
+    for d in items:
+        if d["status"] == "open":
+            state = "[bold red]OVERDUE[/]" if d["overdue"] else "open"
+        else:
+            state = escape(f"{d['outcome']} ({d['reviewer']})")
+        out.print(
+            f"{d['id']}  {escape(d['actor'])} -> {escape(d['patient'])}  {state}  "
+            f"{len(d['reads'])} read(s)  reason: {escape(d['reason'] or '')}"
+        )
+    if not items:
+        out.print(f"no {'' if status == 'all' else status + ' '}break-glass declarations of {org}")
 
 
 def audit(

@@ -60,8 +60,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import BaseModel, Field, StringConstraints
 
 from medledger.contracts._common import PURPOSES
-from medledger.contracts.base import scan_objs
-from medledger.contracts.breakglass_v1 import k_bg, k_review
+from medledger.contracts.breakglass_v1 import declarations, k_review
 from medledger.contracts.core import ROLES, k_key, k_principal
 from medledger.crypto.signing import VerifyKey
 from medledger.encoding import decode
@@ -881,73 +880,17 @@ async def list_break_glass_reviews(
     org = None if patient_view else await _privacy_officer(runtime, viewer)
     node = _node(runtime)
     now = node.clock()
-
-    def _reviews(state: StateReader) -> list[dict[str, Any]]:
-        if not patient_view:
-            return [r for _, r in scan_objs(state, k_review()) if r.get("org") == org]
-        out = []
-        for _, declared in scan_objs(state, k_bg(viewer.subject)):
-            raw = state.get(k_review(declared["id"]))
-            if raw is not None:
-                out.append(decode(raw))
-        return out
-
-    def _read(state: StateReader) -> list[dict[str, Any]]:
-        out = []
-        for review in _reviews(state):
-            if status != "all" and review["status"] != status:
-                continue
-            patient, bid = review["patient"], review["id"]
-            raw = state.get(k_bg(patient, bid))
-            declared = decode(raw) if raw is not None else {}
-            start, until = declared.get("from", 0), declared.get("until", 0)
-            reads: list[dict[str, Any]] = []
-            for _, entry in () if patient_view else scan_objs(state, f"audit/{patient}/".encode()):
-                if (
-                    entry.get("break_glass")
-                    and entry.get("actor") == review["actor"]
-                    and start <= int(entry.get("time") or 0) < until
-                ):
-                    reads.append(
-                        {
-                            "tx": entry["tx"].hex() if isinstance(entry["tx"], bytes) else None,
-                            "time": entry.get("time"),
-                            "outcome": entry.get("outcome"),
-                            "purpose": entry.get("purpose"),
-                            "resource_types": list(entry.get("resource_types") or []),
-                            "records": list(entry.get("records") or []),
-                        }
-                    )
-            out.append(
-                {
-                    "id": bid,
-                    "patient": patient,
-                    "actor": review["actor"],
-                    "org": review["org"],
-                    "reason": declared.get("reason"),
-                    "resource_types": list(declared.get("resource_types") or []),
-                    "from": start,
-                    "until": until,
-                    "deadline": review["deadline"],
-                    "overdue": review["status"] == "open" and review["deadline"] < now,
-                    "status": review["status"],
-                    "outcome": review.get("outcome"),
-                    "note": review.get("note"),
-                    "reviewer": review.get("reviewer"),
-                    "closed_at": review.get("closed_at"),
-                    "reads": reads,
-                }
-            )
-        return out
-
-    items = await node.read(_read)
-    open_ = sorted((i for i in items if i["status"] == "open"), key=lambda i: i["deadline"])
-    closed = sorted(
-        (i for i in items if i["status"] != "open"),
-        key=lambda i: i["closed_at"] or 0,
-        reverse=True,
+    items = await node.read(
+        lambda state: declarations(
+            state,
+            now,
+            org=org,
+            patient=viewer.subject if patient_view else None,
+            status=status,
+            reads=not patient_view,
+        )
     )
-    return (open_ + closed)[:MAX_PAGE]
+    return items[:MAX_PAGE]
 
 
 @router.post(

@@ -19,7 +19,9 @@ The reason is free text: clients must keep identifying details out of it.
 signed by a ``privacy-officer`` practitioner of the same org as the declaring
 actor; closes the review (once).
 
-:func:`overdue_reviews` lists open reviews past their deadline (pure).
+:func:`overdue_reviews` lists open reviews past their deadline and
+:func:`declarations` an organisation's (or a patient's) declarations with their
+reviews and the reads made under them (both pure).
 
 State keys owned
 ----------------
@@ -43,13 +45,20 @@ from medledger.contracts._common import (
     principal,
     req_id,
 )
-from medledger.contracts.base import Effects, Env, Handler, require_obj, scan_objs
+from medledger.contracts.base import Effects, Env, Handler, get_obj, require_obj, scan_objs
 from medledger.contracts.patients_v1 import k_patient
 from medledger.errors import Conflict, MalformedTransaction, Unauthorized
 from medledger.ledger.tx import Transaction
 from medledger.state.base import StateReader
 
-__all__ = ["HANDLERS", "active_declarations", "k_bg", "overdue_reviews"]
+__all__ = [
+    "HANDLERS",
+    "active_declarations",
+    "declarations",
+    "k_bg",
+    "k_review",
+    "overdue_reviews",
+]
 
 MAX_REASON = 500
 MAX_NOTE = 1000
@@ -190,6 +199,87 @@ def overdue_reviews(state: StateReader, now: int) -> list[dict[str, Any]]:
         if r["status"] == "open" and r["deadline"] < now
     ]
     return sorted(out, key=lambda r: (r["deadline"], r["id"]))
+
+
+def declarations(
+    state: StateReader,
+    now: int,
+    *,
+    org: str | None = None,
+    patient: str | None = None,
+    status: str = "all",
+    reads: bool = True,
+) -> list[dict[str, Any]]:
+    """Declarations of ``org`` (or about ``patient``) with their reviews: open ones first,
+    soonest deadline first, then closed ones, latest first. ``status``: ``open``,
+    ``closed`` or ``all``; ``overdue``: open past its deadline.
+
+    With ``reads``, each carries the break-glass reads its actor made of the patient
+    during the window, from the access log (``audit/<patient>/``): time, outcome,
+    purpose, resource types, records and the entry's transaction id (hex).
+    """
+    if (org is None) == (patient is None):
+        raise ValueError("declarations of one org or about one patient")
+    if patient is not None:
+        reviews = []
+        for _, declared in scan_objs(state, k_bg(patient)):
+            review = get_obj(state, k_review(declared["id"]))
+            if review is not None:
+                reviews.append(review)
+    else:
+        reviews = [r for _, r in scan_objs(state, k_review()) if r.get("org") == org]
+    out = []
+    for review in reviews:
+        if status != "all" and review["status"] != status:
+            continue
+        pid, bid = review["patient"], review["id"]
+        declared = get_obj(state, k_bg(pid, bid)) or {}
+        start, until = declared.get("from", 0), declared.get("until", 0)
+        found: list[dict[str, Any]] = []
+        for _, entry in scan_objs(state, f"audit/{pid}/".encode()) if reads else ():
+            if (
+                entry.get("break_glass")
+                and entry.get("actor") == review["actor"]
+                and start <= int(entry.get("time") or 0) < until
+            ):
+                tx = entry.get("tx")
+                found.append(
+                    {
+                        "tx": tx.hex() if isinstance(tx, bytes) else None,
+                        "time": entry.get("time"),
+                        "outcome": entry.get("outcome"),
+                        "purpose": entry.get("purpose"),
+                        "resource_types": list(entry.get("resource_types") or []),
+                        "records": list(entry.get("records") or []),
+                    }
+                )
+        out.append(
+            {
+                "id": bid,
+                "patient": pid,
+                "actor": review["actor"],
+                "org": review["org"],
+                "reason": declared.get("reason"),
+                "resource_types": list(declared.get("resource_types") or []),
+                "from": start,
+                "until": until,
+                "deadline": review["deadline"],
+                "overdue": review["status"] == "open" and review["deadline"] < now,
+                "status": review["status"],
+                "outcome": review.get("outcome"),
+                "note": review.get("note"),
+                "reviewer": review.get("reviewer"),
+                "closed_at": review.get("closed_at"),
+                "reads": found,
+            }
+        )
+    pending = sorted((d for d in out if d["status"] == "open"), key=lambda d: d["deadline"])
+    closed = sorted(
+        (d for d in out if d["status"] != "open"),
+        key=lambda d: d["closed_at"] or 0,
+        reverse=True,
+    )
+    return pending + closed
 
 
 HANDLERS: dict[str, Handler] = {
