@@ -233,6 +233,12 @@ def network_up(
     load_keys: Annotated[
         int, typer.Option("--load-keys", min=0, max=64, help="Extra signing keys per org.")
     ] = 0,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls", help="etcd with mutual TLS (certificates made for the network in DIR/tls)."
+        ),
+    ] = False,
     json_: JsonOpt = False,
 ) -> None:
     """Create (first time) and start a local consortium; print its addresses."""
@@ -241,7 +247,13 @@ def network_up(
     directory = directory.resolve()
     if not (directory / net.LAYOUT).exists():
         net.create_network(
-            directory, orgs=orgs, sqlite=sqlite, network=network, pg_admin=pg, load_keys=load_keys
+            directory,
+            orgs=orgs,
+            sqlite=sqlite,
+            network=network,
+            pg_admin=pg,
+            load_keys=load_keys,
+            tls=tls,
         )
     started = net.start_network(directory)
     layout = started["layout"]

@@ -83,3 +83,61 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     bad.write_text('network = "x"\n')
     res = cli("node", "status", "--config", str(bad))
     assert res.returncode != 0 and "org is required" in res.stderr
+
+
+def test_network_up_with_tls_orders_through_mutual_tls_etcd(tmp_path: Path) -> None:
+    import hashlib
+    import ssl
+    import time
+
+    from medledger.crypto.keystore import Keystore
+    from medledger.encoding import decode, encode
+    from medledger.ledger.tx import make_tx
+
+    d = tmp_path / "net"
+    up = cli(
+        "network", "up", "--orgs", "3", "--sqlite", "--tls", "--load-keys", "1", "--dir", str(d)
+    )
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        layout = json.loads((d / "network.json").read_text())
+        assert layout["orderer"].startswith("etcds://")
+        tls = layout["etcd"]["tls"]
+        port = layout["etcd"]["members"][0]["client_port"]
+        # the members take neither plain HTTP nor TLS without a client certificate
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
+        anonymous = ssl.create_default_context(cafile=tls["ca"])
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=5, context=anonymous)
+        st = cli("network", "status", "--dir", str(d))
+        assert st.returncode == 0 and st.stdout.count("healthy") == 3, st.stdout + st.stderr
+        # a transaction posted to one node commits on all three, ordered through TLS etcd
+        node = layout["nodes"][0]
+        key = Keystore(Path(node["data_dir"]) / "keys").load("load-org-1-0").signing
+        tx = make_tx(
+            key,
+            layout["network"],
+            "note.anchor",
+            {"digest": hashlib.sha256(b"tls").digest()},
+            seq=1,
+            time=int(time.time() * 1000),
+        )
+        req = urllib.request.Request(
+            node["peer"] + "/ledger/v1/txs", data=encode([tx.raw]), method="POST"
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            result = decode(resp.read())
+        assert result[0]["ok"] is True, result
+        height = result[0]["height"]
+        deadline = time.monotonic() + 30
+        while True:
+            healths = [get(n["peer"] + "/health")[1] for n in layout["nodes"]]
+            if all(int(str(h["height"])) >= height for h in healths):
+                if len({h["log_root"] for h in healths}) == 1:
+                    break
+            assert time.monotonic() < deadline, healths
+            time.sleep(0.2)
+    finally:
+        purge = cli("network", "down", "--dir", str(d), "--purge")
+    assert purge.returncode == 0, purge.stderr

@@ -7,7 +7,10 @@
 * a database per organisation on the local PostgreSQL server (127.0.0.1:5432,
   user ``postgres``; ``--pg`` to change), or SQLite files with ``--sqlite``;
 * an etcd cluster of one member per organisation (``D/etcd/mN``), on free
-  loopback ports chosen once and kept in ``D/network.json``;
+  loopback ports chosen once and kept in ``D/network.json``; with ``--tls`` the
+  members require mutual TLS on client and peer traffic (a CA, server and client
+  certificate made for the network in ``D/tls/``) and the nodes reach them over
+  ``etcds://``;
 
 then starts the etcd members and one node process per organisation, waits until
 every node serves, prints their addresses and records the process ids in
@@ -15,9 +18,10 @@ every node serves, prints their addresses and records the process ids in
 grace period); ``down --purge`` also drops the databases and deletes ``D``.
 ``up`` on an existing directory starts the same network again.
 
-This is a local toy layout (every member on one machine, plain HTTP on
-loopback); a real deployment runs one etcd member and one node per
-organisation, each on its own hosts, with TLS (see the README).
+This is a local toy layout (every member on one machine, on loopback; the
+nodes' own APIs speak plain HTTP); a real deployment runs one etcd member and
+one node per organisation, each on its own hosts, with TLS everywhere (see the
+README).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -45,6 +50,7 @@ from medledger.consortium.config import (
     PeerRef,
     dump_config,
 )
+from medledger.crypto.tls import make_tls_files
 from medledger.datadir import DataDir, make_genesis
 from medledger.errors import MedledgerError
 
@@ -171,12 +177,18 @@ def create_network(
     orderer_options: dict[str, Any] | None = None,
     policy: dict[str, Any] | None = None,
     fhir: bool = True,
+    tls: bool = False,
 ) -> dict[str, Any]:
     """Write the layout, keys, genesis, databases and node configurations; returns the layout.
 
     ``load_keys`` extra administrator identities per organisation
     (``load-<org>-<i>`` in its keystore) are registered in the genesis, for load
     generators (tests, benchmarks) that sign their own transactions.
+
+    ``tls``: the etcd members require mutual TLS on client and peer traffic, with a
+    CA, server and client certificate made for this network under ``D/tls/``
+    (:func:`medledger.crypto.tls.make_tls_files`, valid a year); the nodes reach
+    etcd over ``etcds://`` with the client certificate.
     """
     if not 1 <= orgs <= 9:
         raise NetworkError("--orgs must be between 1 and 9")
@@ -192,7 +204,23 @@ def create_network(
         for i in range(orgs)
     ]
     api_ports, peer_ports = ports[2 * orgs : 3 * orgs], ports[3 * orgs :]
-    orderer = "etcd://" + ",".join(m.endpoint for m in etcd)
+    orderer = ("etcds://" if tls else "etcd://") + ",".join(m.endpoint for m in etcd)
+    etcd_tls: dict[str, str] | None = None
+    if tls:
+        files = make_tls_files(directory / "tls", "etcd", days=365)
+        etcd_tls = {
+            "ca": str(files.ca),
+            "cert": str(files.server_cert),
+            "key": str(files.server_key),
+            "client_cert": str(files.client_cert),
+            "client_key": str(files.client_key),
+        }
+        orderer_options = {
+            **(orderer_options or {}),
+            "tls_ca": etcd_tls["ca"],
+            "tls_cert": etcd_tls["client_cert"],
+            "tls_key": etcd_tls["client_key"],
+        }
     databases = {org: f"ml_{slug}_{org.replace('-', '_')}" for org in org_ids}
     if not sqlite:
         _create_databases(pg_admin, list(databases.values()))
@@ -228,6 +256,7 @@ def create_network(
         "orderer": orderer,
         "etcd": {
             "token": f"medledger-{slug}",
+            "tls": etcd_tls,
             "members": [
                 {
                     "name": m.name,
@@ -340,9 +369,24 @@ def _alive(pid: int) -> bool:
 
 def _etcd_command(layout: dict[str, Any], m: dict[str, Any]) -> list[str]:
     members = layout["etcd"]["members"]
-    cluster = ",".join(f"{x['name']}=http://127.0.0.1:{x['peer_port']}" for x in members)
-    client = f"http://127.0.0.1:{m['client_port']}"
-    peer = f"http://127.0.0.1:{m['peer_port']}"
+    tls = layout["etcd"].get("tls")
+    scheme = "https" if tls else "http"
+    cluster = ",".join(f"{x['name']}={scheme}://127.0.0.1:{x['peer_port']}" for x in members)
+    client = f"{scheme}://127.0.0.1:{m['client_port']}"
+    peer = f"{scheme}://127.0.0.1:{m['peer_port']}"
+    secure = []
+    if tls:
+        # mutual TLS on client and peer traffic, one CA (see the README's deployment notes)
+        for prefix in ("", "peer-"):
+            secure += [
+                f"--{prefix}cert-file",
+                tls["cert"],
+                f"--{prefix}key-file",
+                tls["key"],
+                f"--{prefix}trusted-ca-file",
+                tls["ca"],
+                f"--{prefix}client-cert-auth",
+            ]
     return [
         ETCD_BIN,
         "--name",
@@ -371,6 +415,7 @@ def _etcd_command(layout: dict[str, Any], m: dict[str, Any]) -> list[str]:
         "zap",
         "--log-level",
         "warn",
+        *secure,
     ]
 
 
@@ -388,9 +433,11 @@ def _spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> int:
     return proc.pid
 
 
-def _get_json(url: str, timeout: float = 2.0) -> tuple[int, dict[str, Any]] | None:
+def _get_json(
+    url: str, timeout: float = 2.0, context: ssl.SSLContext | None = None
+) -> tuple[int, dict[str, Any]] | None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as resp:
             return resp.status, json.loads(resp.read() or b"{}")
     except urllib.error.HTTPError as exc:
         try:
@@ -424,8 +471,7 @@ def start_network(directory: Path, *, timeout: float = 120.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     for m in layout["etcd"]["members"]:
         while True:
-            got = _get_json(f"http://127.0.0.1:{m['client_port']}/health", 1.0)
-            if got is not None and got[1].get("health") in ("true", True):
+            if _etcd_healthy(layout, m):
                 break
             if not _alive(etcd_pids[m["name"]]):
                 raise NetworkError(f"etcd member {m['name']} exited; see its log")
@@ -444,6 +490,19 @@ def start_network(directory: Path, *, timeout: float = 120.0) -> dict[str, Any]:
     for node in layout["nodes"]:
         wait_serving(node["peer"], node_pids[node["org"]], deadline, node["log"])
     return {"layout": layout, "pids": {"etcd": etcd_pids, "nodes": node_pids}}
+
+
+def _etcd_healthy(layout: dict[str, Any], m: dict[str, Any]) -> bool:
+    """Whether etcd member ``m`` answers its ``/health`` as healthy (over mutual TLS when
+    the network has it)."""
+    tls = layout["etcd"].get("tls")
+    context = None
+    if tls:
+        context = ssl.create_default_context(cafile=tls["ca"])
+        context.load_cert_chain(tls["client_cert"], tls["client_key"])
+    scheme = "https" if tls else "http"
+    got = _get_json(f"{scheme}://127.0.0.1:{m['client_port']}/health", 1.0, context)
+    return got is not None and got[1].get("health") in ("true", True)
 
 
 def wait_serving(peer_url: str, pid: int, deadline: float, log: str = "") -> dict[str, Any]:
@@ -499,12 +558,11 @@ def network_status(directory: Path) -> dict[str, Any]:
     pids = _read_json(directory.resolve() / PIDS) if (directory.resolve() / PIDS).exists() else {}
     etcd = []
     for m in layout["etcd"]["members"]:
-        got = _get_json(f"http://127.0.0.1:{m['client_port']}/health", 1.0)
         etcd.append(
             {
                 "name": m["name"],
                 "endpoint": f"127.0.0.1:{m['client_port']}",
-                "healthy": got is not None and got[1].get("health") in ("true", True),
+                "healthy": _etcd_healthy(layout, m),
             }
         )
     nodes = []
