@@ -37,9 +37,9 @@ Measures, in one run, on one machine:
     backends for the nodes and its own processes, the etcd members, this load
     generator and everything else (see :class:`CpuMeter`).
 
-Pre-signing happens before each timed phase; the load generator (aiohttp: its
-per-request cost is about half of httpx's) shares the machine's cores with the
-nodes, etcd and the databases (its own CPU share is a few per cent).
+Pre-signing happens before each timed phase; the load generator (aiohttp, for its
+low per-request cost) shares the machine's cores with the nodes, etcd and the
+databases; (e) shows its own share.
 
 Run: ``.venv/bin/python bench/bench_consortium.py [--quick] [--sqlite] [--clients N]
 [--rates 0,2000] [--rate-batch 20] [--orderer-option max_wait=0.01]``.
@@ -198,8 +198,8 @@ def presign(key: SigningKey, network: str, n: int, first_seq: int = 1) -> list[T
 
 
 def _session(connections: int) -> aiohttp.ClientSession:
-    """The load generator's HTTP client: aiohttp, whose per-request cost is a fraction
-    of httpx's; it shares the machine with the nodes, so its own CPU matters."""
+    """The load generator's HTTP client: aiohttp, whose per-request cost is low; it
+    shares the machine with the nodes, so its own CPU matters."""
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=connections),
         timeout=aiohttp.ClientTimeout(total=120),
