@@ -8,6 +8,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
     assert res.returncode != 0 and "org is required" in res.stderr
 
 
-def test_network_up_with_tls_orders_through_mutual_tls_etcd(tmp_path: Path) -> None:
+def test_network_up_with_tls_everywhere(tmp_path: Path) -> None:
     import hashlib
     import ssl
     import time
@@ -112,6 +113,21 @@ def test_network_up_with_tls_orders_through_mutual_tls_etcd(tmp_path: Path) -> N
             urllib.request.urlopen(f"https://127.0.0.1:{port}/health", timeout=5, context=anonymous)
         st = cli("network", "status", "--dir", str(d))
         assert st.returncode == 0 and st.stdout.count("healthy") == 3, st.stdout + st.stderr
+        # the nodes' peer and FHIR APIs serve HTTPS with the network's certificate
+        trusted = ssl.create_default_context(cafile=tls["ca"])
+
+        def health(url: str) -> dict[str, Any]:
+            with urllib.request.urlopen(url + "/health", timeout=10, context=trusted) as resp:
+                doc: dict[str, Any] = json.loads(resp.read())
+                return doc
+
+        for n in layout["nodes"]:
+            assert n["peer"].startswith("https://") and n["api"].startswith("https://")
+            assert health(n["peer"])["phase"] == "serving"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(layout["nodes"][0]["peer"] + "/health", timeout=5)  # no CA
+        node_status = cli("node", "status", "--config", layout["nodes"][1]["config"], "--json")
+        assert node_status.returncode == 0 and json.loads(node_status.stdout)["org"] == "org-2"
         # a transaction posted to one node commits on all three, ordered through TLS etcd
         node = layout["nodes"][0]
         key = Keystore(Path(node["data_dir"]) / "keys").load("load-org-1-0").signing
@@ -126,14 +142,16 @@ def test_network_up_with_tls_orders_through_mutual_tls_etcd(tmp_path: Path) -> N
         req = urllib.request.Request(
             node["peer"] + "/ledger/v1/txs", data=encode([tx.raw]), method="POST"
         )
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=60, context=trusted) as resp:
             result = decode(resp.read())
         assert result[0]["ok"] is True, result
         height = result[0]["height"]
         deadline = time.monotonic() + 30
         while True:
-            healths = [get(n["peer"] + "/health")[1] for n in layout["nodes"]]
-            if all(int(str(h["height"])) >= height for h in healths):
+            healths = [health(n["peer"]) for n in layout["nodes"]]
+            # ... and the nodes gossip their checkpoints over HTTPS: every peer reachable
+            gossiping = all(all(peer["reachable"] for peer in h["peers"].values()) for h in healths)
+            if gossiping and all(int(str(h["height"])) >= height for h in healths):
                 if len({h["log_root"] for h in healths}) == 1:
                     break
             assert time.monotonic() < deadline, healths

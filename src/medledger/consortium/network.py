@@ -7,10 +7,10 @@
 * a database per organisation on the local PostgreSQL server (127.0.0.1:5432,
   user ``postgres``; ``--pg`` to change), or SQLite files with ``--sqlite``;
 * an etcd cluster of one member per organisation (``D/etcd/mN``), on free
-  loopback ports chosen once and kept in ``D/network.json``; with ``--tls`` the
-  members require mutual TLS on client and peer traffic (a CA, server and client
-  certificate made for the network in ``D/tls/``) and the nodes reach them over
-  ``etcds://``;
+  loopback ports chosen once and kept in ``D/network.json``; with ``--tls`` (a
+  CA, server and client certificate made for the network in ``D/tls/``) the
+  members require mutual TLS on client and peer traffic, the nodes reach them
+  over ``etcds://``, and the nodes' FHIR and peer APIs serve HTTPS;
 
 then starts the etcd members and one node process per organisation, waits until
 every node serves, prints their addresses and records the process ids in
@@ -18,9 +18,9 @@ every node serves, prints their addresses and records the process ids in
 grace period); ``down --purge`` also drops the databases and deletes ``D``.
 ``up`` on an existing directory starts the same network again.
 
-This is a local toy layout (every member on one machine, on loopback; the
-nodes' own APIs speak plain HTTP); a real deployment runs one etcd member and
-one node per organisation, each on its own hosts, with TLS everywhere (see the
+This is a local toy layout (every member on one machine, on loopback); a real
+deployment runs one etcd member and one node per organisation, each on its own
+hosts, with TLS everywhere and certificates from the consortium's CA (see the
 README).
 """
 
@@ -185,10 +185,11 @@ def create_network(
     (``load-<org>-<i>`` in its keystore) are registered in the genesis, for load
     generators (tests, benchmarks) that sign their own transactions.
 
-    ``tls``: the etcd members require mutual TLS on client and peer traffic, with a
-    CA, server and client certificate made for this network under ``D/tls/``
-    (:func:`medledger.crypto.tls.make_tls_files`, valid a year); the nodes reach
-    etcd over ``etcds://`` with the client certificate.
+    ``tls``: TLS everywhere, with a CA, server and client certificate made for this
+    network under ``D/tls/`` (:func:`medledger.crypto.tls.make_tls_files`, valid a
+    year): the etcd members require mutual TLS on client and peer traffic, the
+    nodes reach etcd over ``etcds://`` with the client certificate, and their FHIR
+    and peer APIs serve HTTPS, trusting that CA for each other.
     """
     if not 1 <= orgs <= 9:
         raise NetworkError("--orgs must be between 1 and 9")
@@ -207,7 +208,7 @@ def create_network(
     orderer = ("etcds://" if tls else "etcd://") + ",".join(m.endpoint for m in etcd)
     etcd_tls: dict[str, str] | None = None
     if tls:
-        files = make_tls_files(directory / "tls", "etcd", days=365)
+        files = make_tls_files(directory / "tls", "network", days=365)
         etcd_tls = {
             "ca": str(files.ca),
             "cert": str(files.server_cert),
@@ -240,6 +241,7 @@ def create_network(
             orderer_options=orderer_options or {},
             policy=policy,
             fhir=fhir,
+            tls=etcd_tls,
         )
     except BaseException:
         if not sqlite:
@@ -289,6 +291,7 @@ def _create_nodes(
     orderer_options: dict[str, Any],
     policy: dict[str, Any] | None,
     fhir: bool,
+    tls: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     import asyncio
 
@@ -303,6 +306,12 @@ def _create_nodes(
         for i in range(load_keys):
             admins.append((f"load-{org}-{i}", org, ks.create(f"load-{org}-{i}", pp)))
     genesis = make_genesis(network, node_ids, admins, policy=policy)
+    # with TLS the nodes' FHIR and peer APIs serve HTTPS with the network's server
+    # certificate, and trust its CA for the other members' peer APIs
+    cert = Path(tls["cert"]) if tls else None
+    key = Path(tls["key"]) if tls else None
+    ca = Path(tls["ca"]) if tls else None
+    scheme = "https" if tls else "http"
     nodes: list[dict[str, Any]] = []
     for i, org in enumerate(org_ids):
         dd = dirs[org]
@@ -323,10 +332,10 @@ def _create_nodes(
             store=store,
             records=records,
             orderer=orderer,
-            api=HttpEndpoint("127.0.0.1", api_ports[i], enabled=fhir),
-            peer=HttpEndpoint("127.0.0.1", peer_ports[i]),
+            api=HttpEndpoint("127.0.0.1", api_ports[i], tls_cert=cert, tls_key=key, enabled=fhir),
+            peer=HttpEndpoint("127.0.0.1", peer_ports[i], tls_cert=cert, tls_key=key, tls_ca=ca),
             peers=tuple(
-                PeerRef(other, f"http://127.0.0.1:{peer_ports[j]}")
+                PeerRef(other, f"{scheme}://127.0.0.1:{peer_ports[j]}")
                 for j, other in enumerate(org_ids)
                 if other != org
             ),
@@ -488,27 +497,42 @@ def start_network(directory: Path, *, timeout: float = 120.0) -> dict[str, Any]:
             node_pids[node["org"]] = _spawn(cmd, Path(node["log"]), env)
     _write_json(directory / PIDS, {"etcd": etcd_pids, "nodes": node_pids})
     for node in layout["nodes"]:
-        wait_serving(node["peer"], node_pids[node["org"]], deadline, node["log"])
+        wait_serving(
+            node["peer"], node_pids[node["org"]], deadline, node["log"], tls_context(layout)
+        )
     return {"layout": layout, "pids": {"etcd": etcd_pids, "nodes": node_pids}}
+
+
+def tls_context(layout: dict[str, Any]) -> ssl.SSLContext | None:
+    """For a network made with TLS: trusts its CA and presents its client certificate
+    (etcd requires one); None for a plain network."""
+    tls = layout["etcd"].get("tls")
+    if not tls:
+        return None
+    context = ssl.create_default_context(cafile=tls["ca"])
+    context.load_cert_chain(tls["client_cert"], tls["client_key"])
+    return context
 
 
 def _etcd_healthy(layout: dict[str, Any], m: dict[str, Any]) -> bool:
     """Whether etcd member ``m`` answers its ``/health`` as healthy (over mutual TLS when
     the network has it)."""
-    tls = layout["etcd"].get("tls")
-    context = None
-    if tls:
-        context = ssl.create_default_context(cafile=tls["ca"])
-        context.load_cert_chain(tls["client_cert"], tls["client_key"])
-    scheme = "https" if tls else "http"
+    context = tls_context(layout)
+    scheme = "https" if context else "http"
     got = _get_json(f"{scheme}://127.0.0.1:{m['client_port']}/health", 1.0, context)
     return got is not None and got[1].get("health") in ("true", True)
 
 
-def wait_serving(peer_url: str, pid: int, deadline: float, log: str = "") -> dict[str, Any]:
+def wait_serving(
+    peer_url: str,
+    pid: int,
+    deadline: float,
+    log: str = "",
+    context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
     """Wait until the node at ``peer_url`` reports it is serving; returns its health."""
     while True:
-        got = _get_json(f"{peer_url}/health", 1.0)
+        got = _get_json(f"{peer_url}/health", 1.0, context)
         if got is not None and got[1].get("phase") == "serving":
             return got[1]
         if not _alive(pid):
@@ -567,7 +591,7 @@ def network_status(directory: Path) -> dict[str, Any]:
         )
     nodes = []
     for n in layout["nodes"]:
-        got = _get_json(f"{n['peer']}/health", 2.0)
+        got = _get_json(f"{n['peer']}/health", 2.0, tls_context(layout))
         pid = (pids.get("nodes") or {}).get(n["org"])
         nodes.append(
             {
