@@ -478,9 +478,10 @@ def start_network(directory: Path, *, timeout: float = 120.0) -> dict[str, Any]:
             etcd_pids[m["name"]] = _spawn(_etcd_command(layout, m), log)
     _write_json(directory / PIDS, {"etcd": etcd_pids, "nodes": node_pids})
     deadline = time.monotonic() + timeout
+    context = _client_context(layout)
     for m in layout["etcd"]["members"]:
         while True:
-            if _etcd_healthy(layout, m):
+            if _etcd_healthy(m, context):
                 break
             if not _alive(etcd_pids[m["name"]]):
                 raise NetworkError(f"etcd member {m['name']} exited; see its log")
@@ -497,13 +498,11 @@ def start_network(directory: Path, *, timeout: float = 120.0) -> dict[str, Any]:
             node_pids[node["org"]] = _spawn(cmd, Path(node["log"]), env)
     _write_json(directory / PIDS, {"etcd": etcd_pids, "nodes": node_pids})
     for node in layout["nodes"]:
-        wait_serving(
-            node["peer"], node_pids[node["org"]], deadline, node["log"], tls_context(layout)
-        )
+        wait_serving(node["peer"], node_pids[node["org"]], deadline, node["log"], context)
     return {"layout": layout, "pids": {"etcd": etcd_pids, "nodes": node_pids}}
 
 
-def tls_context(layout: dict[str, Any]) -> ssl.SSLContext | None:
+def _client_context(layout: dict[str, Any]) -> ssl.SSLContext | None:
     """For a network made with TLS: trusts its CA and presents its client certificate
     (etcd requires one); None for a plain network."""
     tls = layout["etcd"].get("tls")
@@ -514,10 +513,9 @@ def tls_context(layout: dict[str, Any]) -> ssl.SSLContext | None:
     return context
 
 
-def _etcd_healthy(layout: dict[str, Any], m: dict[str, Any]) -> bool:
-    """Whether etcd member ``m`` answers its ``/health`` as healthy (over mutual TLS when
-    the network has it)."""
-    context = tls_context(layout)
+def _etcd_healthy(m: dict[str, Any], context: ssl.SSLContext | None) -> bool:
+    """Whether etcd member ``m`` answers its ``/health`` as healthy (over mutual TLS with
+    ``context``, the network's :func:`_client_context`, when it has one)."""
     scheme = "https" if context else "http"
     got = _get_json(f"{scheme}://127.0.0.1:{m['client_port']}/health", 1.0, context)
     return got is not None and got[1].get("health") in ("true", True)
@@ -580,18 +578,19 @@ def network_status(directory: Path) -> dict[str, Any]:
     """Health of every etcd member and node (None where unreachable)."""
     layout = load_layout(directory)
     pids = _read_json(directory.resolve() / PIDS) if (directory.resolve() / PIDS).exists() else {}
+    context = _client_context(layout)
     etcd = []
     for m in layout["etcd"]["members"]:
         etcd.append(
             {
                 "name": m["name"],
                 "endpoint": f"127.0.0.1:{m['client_port']}",
-                "healthy": _etcd_healthy(layout, m),
+                "healthy": _etcd_healthy(m, context),
             }
         )
     nodes = []
     for n in layout["nodes"]:
-        got = _get_json(f"{n['peer']}/health", 2.0, tls_context(layout))
+        got = _get_json(f"{n['peer']}/health", 2.0, context)
         pid = (pids.get("nodes") or {}).get(n["org"])
         nodes.append(
             {
