@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import time
@@ -132,13 +133,20 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
         yield cluster
 
 
-@pytest.fixture
-async def net(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[Network]:
-    network = Network(tmp_path, f"{etcd.url}/t{next(_roots)}")
+@contextlib.asynccontextmanager
+async def open_network(tmp_path: Path, url: str) -> AsyncIterator[Network]:
+    """A :class:`Network` ordered by the etcd ``url``, closed on the way out."""
+    network = Network(tmp_path, url)
     try:
         yield network
     finally:
         await network.close()
+
+
+@pytest.fixture
+async def net(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[Network]:
+    async with open_network(tmp_path, f"{etcd.url}/t{next(_roots)}") as network:
+        yield network
 
 
 def _await_chain(coro: Any) -> str:

@@ -15,7 +15,7 @@ from medledger.orderer import make_orderer, parse_etcd_url
 from medledger.orderer.etcd import EtcdTLS
 from tls_files import TLSFiles, make_tls_files
 
-from .conftest import Network
+from .conftest import Network, open_network
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,8 @@ def tls_etcd(tmp_path_factory: pytest.TempPathFactory, tls: TLSFiles) -> Iterato
 
 @pytest.fixture
 async def tls_net(tmp_path: Path, tls_etcd: EtcdCluster) -> AsyncIterator[Network]:
-    network = Network(tmp_path, f"{tls_etcd.url}/tls")
-    try:
+    async with open_network(tmp_path, f"{tls_etcd.url}/tls") as network:
         yield network
-    finally:
-        await network.close()
 
 
 def _tls_options(tls: TLSFiles, **extra: Any) -> dict[str, Any]:
