@@ -45,6 +45,7 @@ from medledger.contracts._common import (
     principal,
     req_id,
 )
+from medledger.contracts.access_v1 import k_audit_prefix
 from medledger.contracts.base import Effects, Env, Handler, get_obj, require_obj, scan_objs
 from medledger.contracts.patients_v1 import k_patient
 from medledger.errors import Conflict, MalformedTransaction, Unauthorized
@@ -229,19 +230,22 @@ def declarations(
     else:
         reviews = [r for _, r in scan_objs(state, k_review()) if r.get("org") == org]
     out = []
+    # a patient's break-glass entries, read once however many declarations concern them
+    glass: dict[str, list[dict[str, Any]]] = {}
     for review in reviews:
         if status != "all" and review["status"] != status:
             continue
         pid, bid = review["patient"], review["id"]
         declared = get_obj(state, k_bg(pid, bid)) or {}
         start, until = declared.get("from", 0), declared.get("until", 0)
+        if reads and pid not in glass:
+            glass[pid] = [
+                e for _, e in scan_objs(state, k_audit_prefix(pid)) if e.get("break_glass")
+            ]
         found: list[dict[str, Any]] = []
-        for _, entry in scan_objs(state, f"audit/{pid}/".encode()) if reads else ():
-            if (
-                entry.get("break_glass")
-                and entry.get("actor") == review["actor"]
-                and start <= int(entry.get("time") or 0) < until
-            ):
+        for entry in glass.get(pid, ()):
+            when = int(entry.get("time") or 0)
+            if entry.get("actor") == review["actor"] and start <= when < until:
                 tx = entry.get("tx")
                 found.append(
                     {

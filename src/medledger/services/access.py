@@ -25,6 +25,7 @@ from typing import Any
 
 from medledger.contracts import records_v1
 from medledger.contracts.access import AccessRequest, Decision, TypeDecision, decide
+from medledger.contracts.access_v1 import k_audit_prefix
 from medledger.contracts.base import get_obj
 from medledger.contracts.core import k_org, k_principal
 from medledger.contracts.patients_v1 import k_patient
@@ -240,7 +241,7 @@ class AccessService:
 
     async def audit_feed(self, patient: str) -> list[dict[str, Any]]:
         """Every logged access decision about ``patient``, oldest first."""
-        rows = await self.node.state_scan(f"audit/{patient}/".encode())
+        rows = await self.node.state_scan(k_audit_prefix(patient))
         out = []
         for _key, raw in rows:
             entry = decode(raw)
