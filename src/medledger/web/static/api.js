@@ -30,6 +30,14 @@ export function getSession() {
   return cached;
 }
 
+/** Whether the signed-in identity may hold ``role`` (roles unknown, e.g. a token
+ * sign-in: yes, and the server decides). */
+export function mayHaveRole(role) {
+  const s = getSession();
+  const roles = s && s.identity && s.identity.roles;
+  return !Array.isArray(roles) || !roles.length || roles.includes(role);
+}
+
 export function setSession(session) {
   cached = session;
   if (session) sessionStorage.setItem(KEY, JSON.stringify(session));

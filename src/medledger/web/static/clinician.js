@@ -2,7 +2,7 @@
 // what consent permits, with a notice of what is withheld), emergency access
 // (break-glass) with a required reason, and a duplicate-test check before ordering.
 
-import { ApiError, fhirGet, fhirSearchAll, fillCustodians, getSession, orgName, request } from "./api.js";
+import { ApiError, fhirGet, fhirSearchAll, fillCustodians, mayHaveRole, orgName, request } from "./api.js";
 import { PURPOSE_LABELS } from "./audit.js";
 import { codingText, custodianOf, dateOf, humanName, valueText } from "./fhir.js";
 import { renderTimeline, withheldNotice } from "./timeline.js";
@@ -109,9 +109,7 @@ async function loadRecord(pid, emergency) {
 
 /** Whether the signed-in clinician may use break-glass (unknown roles: let the server decide). */
 function mayBreakGlass() {
-  const s = getSession();
-  const roles = s && s.identity && s.identity.roles;
-  return !Array.isArray(roles) || !roles.length || roles.includes("emergency-clinician");
+  return mayHaveRole("emergency-clinician");
 }
 
 function breakGlassForm(pid, onOpened, { open }) {

@@ -2,7 +2,7 @@
 // made under each, and the mandatory review (justified or not, with a note), which
 // goes on the ledger signed with the officer's own key.
 
-import { ApiError, getSession, request } from "./api.js";
+import { ApiError, mayHaveRole, request } from "./api.js";
 import { PURPOSE_LABELS } from "./audit.js";
 import { announce, badge, choice, clearError, field, h, meta, notice, replace, setFieldError, showError, shortHash, timeEl } from "./ui.js";
 
@@ -14,9 +14,7 @@ const FILTERS = [
 
 /** Whether the signed-in practitioner reviews break-glass (unknown roles: let the server decide). */
 export function mayReview() {
-  const s = getSession();
-  const roles = s && s.identity && s.identity.roles;
-  return !Array.isArray(roles) || !roles.length || roles.includes("privacy-officer");
+  return mayHaveRole("privacy-officer");
 }
 
 export async function breakGlassReviews(root, filter = "open") {
