@@ -12,11 +12,11 @@ node or of the server. A block either commits whole or not at all.
 
 Bulk writes: a block of 2,000 transactions touches some 20,000 rows (transactions,
 log tree nodes, state rows, state-tree nodes). They travel with binary ``COPY``:
-transactions straight into their table, the rest into session-local staging tables
-(``pg_temp``, emptied at every commit) from which one ``INSERT ... ON CONFLICT DO
-UPDATE`` per table upserts them (SQLite's ``INSERT OR REPLACE``). That is about four
-times faster than one statement with the rows as arrays (``unnest``), and a block
-costs a dozen round trips whatever its size.
+transactions straight into their table, the rest into one session-local staging
+table (``pg_temp``, emptied at every commit) from which one statement upserts each
+table's rows (SQLite's ``INSERT OR REPLACE``) and deletes the deleted keys. That is
+about four times faster than one statement with the rows as arrays (``unnest``),
+and a commit costs five round trips whatever its size (see ``_STAGING``).
 
 Fewer round trips: a query costs a network round trip (~100 us on loopback, against
 ~5 us for an SQLite read), and while a block is built most point reads ask for keys
