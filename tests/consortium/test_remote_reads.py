@@ -199,6 +199,12 @@ def test_a_practitioner_reads_a_record_held_by_another_nodes_organisation(xnet: 
     assert r.status_code == 200, r.text
     got = r.json()
     assert got["meta"]["versionId"] == "1" and r.headers["etag"] == 'W/"1"'
+    # lastUpdated is the commit block's time on both nodes, as the custodian answered
+    assert got["meta"]["lastUpdated"] == written["meta"]["lastUpdated"]
+    assert (
+        r.headers["last-modified"]
+        == (httpx.get(f"{a}/Observation/{oid}", headers=sys_a, timeout=30).headers["last-modified"])
+    )
     for field in ("code", "valueQuantity", "subject", "effectiveDateTime", "status"):
         assert got[field] == written[field]
     converge(x)

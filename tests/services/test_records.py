@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 import sqlite3
@@ -23,7 +24,9 @@ from typing import Any
 import pytest
 
 from contracts.conftest import NETWORK, Ledger
+from medledger.contracts.base import get_obj
 from medledger.contracts.patients_v1 import claim_message
+from medledger.contracts.records_v1 import k_recver
 from medledger.crypto import aead, kem
 from medledger.crypto.kem import EncryptionKey
 from medledger.crypto.signing import ALG_MLKEM768_X25519, SigningKey
@@ -43,6 +46,7 @@ from medledger.services.records import (
     Caller,
     OrgCrypto,
     RecordService,
+    RecordWrite,
     StoredRecord,
     derive_index_key,
     is_gone,
@@ -459,6 +463,58 @@ async def test_store_failure_after_commit_is_recovered(net: Net) -> None:
     newer = await net.write("h1", "Observation", "obs-6", pat, observation("obs-6", pat.id, 2.0))
     assert newer.version == 2
     assert [v.version for v in await net.store.versions("obs-6")] == [1, 2]
+
+
+async def committed_at(net: Net, rid: str, version: int) -> int:
+    """The time of the block holding ``rid`` ``version``'s registration."""
+    entry = await net.node.read(lambda st: get_obj(st, k_recver(rid, version)))
+    assert entry is not None
+    header, _ = await net.node.get_block(int(entry["height"]))
+    return int(header.time)
+
+
+async def test_last_updated_is_the_commit_block_time(net: Net) -> None:
+    """A version's lastUpdated is its block's time (what every node shows), not the
+    custodian's clock when it staged it; on every path that promotes a version."""
+    ticks = itertools.count()
+    base = net.node.clock()
+    net.node.clock = lambda: base + 5 * next(ticks)  # every reading of the clock differs
+    flaky = FlakyStore(net.store)
+    net.svc.store = flaky  # type: ignore[assignment]
+    pat = await net.patient("h1")
+    doc = await net.practitioner("h1", "doc-1")
+
+    async def check(rid: str, version: int = 1) -> None:
+        at = await committed_at(net, rid, version)
+        assert (await net.svc.fetch(doc, rid)).last_updated == at  # (promotes, if staged)
+        stored = await net.store.get_version(rid, version)
+        assert stored is not None and stored.last_updated == at
+        page, _ = await net.store.search(resource_type="Observation", patient=pat.id)
+        assert [e.last_updated for e in page if e.record == rid] == [at]
+
+    written = await net.write("h1", "Observation", "obs-w", pat)  # a single write
+    assert written.last_updated == await committed_at(net, "obs-w", 1)
+    await check("obs-w")
+    many = await net.svc.write_many(
+        "h1",
+        [
+            RecordWrite("Observation", rid, pat.id, json.dumps(observation(rid, pat.id)).encode())
+            for rid in ("obs-m1", "obs-m2")
+        ],
+    )
+    for got in many:
+        assert isinstance(got, StoredRecord)
+        assert got.last_updated == await committed_at(net, got.id, 1)
+        await check(got.id)
+    flaky.failures = 1  # committed, not promoted: a later read promotes it
+    with pytest.raises(StorageError):
+        await net.write("h1", "Observation", "obs-r", pat)
+    await check("obs-r")
+    flaky.failures = 1  # committed, not promoted: recover() promotes it
+    with pytest.raises(StorageError):
+        await net.write("h1", "Observation", "obs-s", pat)
+    assert await net.svc.recover() == (1, 0)
+    await check("obs-s")
 
 
 # -- reading --------------------------------------------------------------------------------

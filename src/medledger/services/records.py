@@ -12,7 +12,9 @@ Writing a version (:meth:`RecordService.write`)
    ``record.register`` transaction carrying ``SHA-256(salt || ciphertext)`` is
    submitted. Refused: the staged copy is dropped and the error raised (nothing
    is stored). Committed: the version is promoted (:meth:`RecordStore.put_version`),
-   and only then is the write acknowledged.
+   and only then is the write acknowledged. Its lastUpdated is the time of the
+   block that committed it, so every node shows the same one (the staged copy
+   carries the custodian's clock until then).
 
 Why this order: the ledger is the source of truth for which versions exist, so
 it must never hold a commitment whose ciphertext is lost. Staging before the
@@ -419,6 +421,29 @@ class RecordService:
         entry = await self.node.read(lambda st: get_obj(st, k_recver(record, version)))
         return None if entry is None else bytes(entry["commitment"])
 
+    async def _block_time(self, height: int) -> int:
+        """The time of block ``height`` (ms): the lastUpdated of the versions it committed."""
+        header, _ = await self.node.get_block(height)
+        return int(header.time)
+
+    async def _stamped(
+        self, v: RecordVersion, index: IndexEntry, height: int | None = None
+    ) -> tuple[RecordVersion, IndexEntry]:
+        """``v`` and its index row with ``last_updated`` set to the time of the block
+        that committed it (``height``, else read from the version's ledger entry).
+
+        A version is staged with the custodian's clock, but its lastUpdated is its
+        commit time on the ledger, the same on every node: a reader on another node
+        shows exactly what the custodian shows (see :meth:`_committed_at`).
+        """
+        if height is None:
+            at = await self._committed_at(v.record, v.version)
+        else:
+            at = await self._block_time(height)
+        if not at or at == v.last_updated:
+            return v, index
+        return replace(v, last_updated=at), replace(index, last_updated=at)
+
     @staticmethod
     def patient_key_fields(identity: Identity) -> dict[str, Any]:
         """The ``enc_key``/``enc_alg`` fields of ``patient.register``/``patient.claim`` for a
@@ -499,6 +524,7 @@ class RecordService:
                 with contextlib.suppress(StorageError):  # else recover() drops it later
                     await self.store.unstage(record_id, b.version.version, b.version.salt)
                 raise
+            b.version, b.index = await self._stamped(b.version, b.index, receipt.height)
             await self.store.put_version(b.version, b.keys, b.index)
             return b.result(receipt.tx_id)
 
@@ -633,6 +659,13 @@ class RecordService:
                 )
         if not committed:
             return
+        times: dict[int, int] = {}
+        for _, b, receipt in committed:
+            if receipt.height not in times:
+                times[receipt.height] = await self._block_time(receipt.height)
+            at = times[receipt.height]
+            b.version = replace(b.version, last_updated=at)
+            b.index = replace(b.index, last_updated=at)
         try:
             conflicts = await self.store.put_versions(
                 [(b.version, b.keys, b.index) for _, b, _ in committed]
@@ -868,7 +901,8 @@ class RecordService:
             if on_ledger is None:
                 continue  # in flight, or never committed: recover() decides
             if on_ledger == sha256(v.salt, v.ciphertext):
-                await self.store.put_version(v, s.keys, s.index)
+                v, index = await self._stamped(v, s.index)
+                await self.store.put_version(v, s.keys, index)
                 promoted[v.version] = v
             else:
                 await self.store.unstage(record, v.version, v.salt)
@@ -895,7 +929,8 @@ class RecordService:
                         await self.store.unstage(v.record, v.version, v.salt)
                         dropped += 1
                     else:
-                        await self.store.put_version(v, s.keys, s.index)
+                        v, index = await self._stamped(v, s.index)
+                        await self.store.put_version(v, s.keys, index)
                         promoted += 1
                 elif on_ledger is not None or s.staged_at < horizon:
                     await self.store.unstage(v.record, v.version, v.salt)
@@ -1090,7 +1125,7 @@ class RecordService:
         return True
 
     async def _committed_at(self, record: str, version: int) -> int:
-        """The time of the block that committed ``version`` (its lastUpdated on this node)."""
+        """The time of the block that committed ``version``: its lastUpdated, on every node."""
         entry = await self.node.read(lambda st: get_obj(st, k_recver(record, version)))
         if entry is None or not isinstance(entry.get("height"), int):
             return 0
