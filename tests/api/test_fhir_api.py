@@ -215,6 +215,30 @@ def test_create_read_update_version_delete(api: Api) -> None:
     assert methods == ["DELETE", "PUT", "POST"]
 
 
+def test_decimals_keep_their_precision(api: Api) -> None:
+    """5.40 is stored, served, searched and versioned as 5.40, not 5.4 (FHIR decimals)."""
+    pid = api.new_patient()
+    body = lab_observation(pid)
+    raw = json.dumps(body).replace(
+        json.dumps(body["valueQuantity"]["value"]), "5.40", 1
+    )  # the client's own digits
+    assert '"value": 5.40' in raw
+    r = api.post("Observation", raw.encode(), "system:lab")
+    assert r.status_code == 201, r.text
+    assert '"value":5.40' in r.text
+    oid = r.json()["id"]
+    assert '"value":5.40' in api.get(f"Observation/{oid}", "system:lab").text
+    assert '"value":5.40' in api.get(f"Observation?patient={pid}", "system:lab").text
+    assert '"value":5.40' in api.get(f"Observation/{oid}/_history/1", "system:lab").text
+    # a value a float prints back as written is unchanged too
+    r = api.put(
+        f"Observation/{oid}",
+        {**r.json(), "valueQuantity": {**body["valueQuantity"], "value": 6.1}},
+        "system:lab",
+    )
+    assert r.status_code == 200 and '"value":6.1,' in r.text
+
+
 def test_errors_are_operation_outcomes(api: Api) -> None:
     pid = api.new_patient()
     who = "system:lab"

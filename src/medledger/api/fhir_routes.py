@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 
 from medledger.api.deps import AuthDep, RuntimeDep
 from medledger.api.smart import SmartError
+from medledger.fhir.jsontext import dump_json
 from medledger.fhir.outcome import FhirError, operation_outcome
 from medledger.services.fhir import API_TYPES, RECORD_TYPES, Result, etag
 
@@ -197,9 +198,12 @@ def _body(rtype: str | None, schema: dict[str, Any] | None = None) -> dict[str, 
 
 
 class FhirResponse(JSONResponse):
-    """A JSON response with the FHIR media type."""
+    """A JSON response with the FHIR media type (decimals written with their precision)."""
 
     media_type = FHIR_JSON
+
+    def render(self, content: Any) -> bytes:
+        return dump_json(content).encode("utf-8")
 
 
 def _render(

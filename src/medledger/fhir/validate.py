@@ -42,6 +42,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from medledger.contracts._common import FHIR_TYPES
+from medledger.fhir.jsontext import parse_number
 from medledger.fhir.outcome import FhirError, Issue
 
 __all__ = [
@@ -144,12 +145,18 @@ def _no_constants(name: str) -> Any:
 def parse_json(body: bytes | bytearray | memoryview | str) -> Any:
     """Decode a JSON document strictly (UTF-8, no duplicate keys, no NaN/Infinity).
 
-    Raises FhirError(400, structure) naming the problem.
+    Decimal numbers keep their precision (:func:`parse_number`). Raises
+    FhirError(400, structure) naming the problem.
     """
     if isinstance(body, memoryview | bytearray):
         body = bytes(body)
     try:
-        return json.loads(body, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+        return json.loads(
+            body,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_float=parse_number,
+        )
     except RecursionError:
         raise FhirError(400, "structure", "JSON nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, duplicates

@@ -88,6 +88,7 @@ from medledger.errors import (
     TransactionRejected,
     Unauthorized,
 )
+from medledger.fhir.jsontext import dump_json
 from medledger.fhir.outcome import FhirError, from_medledger_error, operation_outcome
 from medledger.fhir.validate import SUPPORTED_TYPES
 from medledger.ledger.tx import Transaction
@@ -362,7 +363,7 @@ class FhirService:
             body["meta"] = meta
         else:
             body.pop("meta", None)
-        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        return dump_json(body).encode()
 
     def _token(self, org: str, term: tuple[str, str | None, str]) -> bytes:
         """The search token of an index term for ``org``.
@@ -2136,7 +2137,7 @@ class Importer:
         sid = doc.get("id")
         if not isinstance(sid, str) or not sid:
             if fallback_id is None:
-                canon = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+                canon = dump_json(doc, sort_keys=True).encode()
                 fallback_id = "sha256-" + hashlib.sha256(canon).hexdigest()
             sid = fallback_id
         return _Item(where, doc["resourceType"], sid, doc)

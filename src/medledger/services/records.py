@@ -82,7 +82,6 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
@@ -119,6 +118,7 @@ from medledger.errors import (
     TransactionRejected,
     Unauthorized,
 )
+from medledger.fhir.jsontext import load_json
 from medledger.node import Node, Receipt
 from medledger.services.access import AccessService, combine_decisions, decide_for
 from medledger.services.submitter import Submitter
@@ -330,7 +330,7 @@ def _gone(record: str) -> NotFoundError:
 
 def _resource(plaintext: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(plaintext)
+        doc = load_json(plaintext)
     except (ValueError, UnicodeDecodeError):
         doc = None
     if not isinstance(doc, dict):
