@@ -269,6 +269,27 @@ def test_errors_are_operation_outcomes(api: Api) -> None:
         headers={**api.headers(who), "Content-Type": "application/xml"},
     )
     outcome(r, 415)
+    # JSON only: a client that accepts only XML (or asks for it with _format) gets 406
+    xml = {"Accept": "application/fhir+xml"}
+    assert outcome(api.get("Observation/does-not-exist", who, headers=xml), 406)["issue"][0][
+        "code"
+    ] == ("not-supported")
+    outcome(api.http.get("/fhir/metadata", headers=xml), 406)
+    outcome(api.get(f"Observation?patient={pid}&_format=xml", who), 406)
+    outcome(api.get(f"Patient/{pid}?_format=application/fhir+xml", who), 406)
+    accepted = (
+        "application/fhir+json",
+        "application/fhir+xml;q=0.9, application/json;q=0.5",
+        "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",  # a browser
+        "application/fhir+json; fhirVersion=4.0",
+    )
+    for accept in accepted:
+        got = api.get(f"Observation?patient={pid}", who, headers={"Accept": accept})
+        assert got.status_code == 200, accept
+    search = f"Observation?patient={pid}"
+    outcome(api.get(search, who, headers={"Accept": "application/json;q=0"}), 406)
+    for fmt in ("json", "application/fhir+json", "application/fhir json"):  # unencoded "+"
+        assert api.get(f"{search}&_format={fmt}", who).status_code == 200, fmt
     # an id already used by another type: 409
     obs = api.observation(pid)
     cond = condition(pid)

@@ -30,7 +30,7 @@ from enum import Enum
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from medledger.api.deps import AuthDep, RuntimeDep
@@ -124,12 +124,13 @@ _ERROR_TEXT = {
     409: "Version conflict or id already used",
     410: "Deleted or erased",
     412: "If-Match does not name the current version",
+    406: "The Accept header or _format asks for a format other than JSON",
     415: "Body is not application/fhir+json",
     422: "Valid FHIR that breaks a business rule or invariant",
     500: "Server or integrity failure",
 }
-_READ_ERRORS = (400, 401, 403, 404, 410, 500)
-_WRITE_ERRORS = (400, 401, 403, 404, 405, 409, 410, 412, 415, 422, 500)
+_READ_ERRORS = (400, 401, 403, 404, 406, 410, 500)
+_WRITE_ERRORS = (400, 401, 403, 404, 405, 406, 409, 410, 412, 415, 422, 500)
 
 
 def _responses(
@@ -248,6 +249,45 @@ async def _read_body(request: Request) -> bytes:
     return body
 
 
+#: media types (and ``_format`` values) that JSON answers; a "+" in an unencoded query
+#: string arrives as a space, so ``application/fhir json`` is the same as ``...+json``
+_JSON_MEDIA = frozenset(
+    {"application/fhir+json", "application/json", "application/json+fhir", "*/*", "application/*"}
+)
+_JSON_FORMATS = frozenset(
+    {"json", "application/fhir+json", "application/json", "application/json+fhir"}
+)
+
+
+def _negotiate(request: Request) -> None:
+    """406 unless the client accepts JSON: ``_format`` first, else the Accept header.
+
+    The API speaks FHIR JSON only; a client that asks for XML (or Turtle) only is
+    told so instead of being sent a format it did not ask for.
+    """
+    fmt = request.query_params.get("_format")
+    if fmt is not None:
+        if fmt.strip().lower().replace(" ", "+") not in _JSON_FORMATS:
+            raise FhirError(406, "not-supported", f"_format={fmt}: only {FHIR_JSON} is served")
+        return
+    accept = request.headers.get("accept", "").strip()
+    if not accept:
+        return
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0 and media.lower() in _JSON_MEDIA:
+            return
+    raise FhirError(406, "not-supported", f"Accept: {accept}: only {FHIR_JSON} is served")
+
+
 def _params(request: Request) -> list[tuple[str, str]]:
     return list(request.query_params.multi_items())
 
@@ -363,7 +403,7 @@ Handler = Callable[..., Awaitable[Response]]
 
 def fhir_router() -> APIRouter:
     """Every FHIR route, declared per resource type (so OpenAPI names each one)."""
-    router = APIRouter(prefix="/fhir")
+    router = APIRouter(prefix="/fhir", dependencies=[Depends(_negotiate)])
 
     async def metadata(request: Request) -> Response:
         from medledger.fhir.capability import capability_statement
