@@ -449,29 +449,18 @@ def client_keygen(
     kid: Annotated[str | None, typer.Option(help="Key id (default: random).")] = None,
 ) -> None:
     """Make a client key pair (EC P-384, ES384): the private key and the public JWKS to register."""
-    import secrets
-
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from jwt.algorithms import ECAlgorithm
+    from medledger.crypto.client_key import ClientKey
 
     key_file = Path(f"{out_prefix}-key.pem")
     jwks_file = Path(f"{out_prefix}-jwks.json")
-    key = ec.generate_private_key(ec.SECP384R1())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    key = ClientKey.generate(kid)
     try:
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise CliError(f"{key_file} already exists") from None
     with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    jwk = json.loads(ECAlgorithm.to_jwk(key.public_key()))
-    jwk.update({"kid": kid or secrets.token_hex(8), "alg": "ES384", "use": "sig"})
-    jwks_file.write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
+        f.write(key.pem())
+    jwks_file.write_text(json.dumps({"keys": [key.public_jwk()]}, indent=2) + "\n")
     sys.stdout.write(f"{key_file}\n{jwks_file}\n")
 
 
@@ -487,32 +476,20 @@ def client_assertion(
     lifetime: Annotated[int, typer.Option(help="Seconds until it expires.", min=1, max=300)] = 240,
 ) -> None:
     """Print a signed client assertion (JWT, ES384) for POST /auth/token (private_key_jwt)."""
-    import time
-    import uuid
+    from medledger.crypto.client_key import ClientKey
 
-    import jwt as pyjwt
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        private = serialization.load_pem_private_key(key.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise CliError(f"cannot read the private key {key}: {exc}") from exc
     if kid is None:
         jwks = jwks or Path(str(key).removesuffix("-key.pem") + "-jwks.json")
         try:
             kid = json.loads(jwks.read_text())["keys"][0]["kid"]
         except (OSError, ValueError, KeyError, IndexError) as exc:
             raise CliError(f"give --kid or a readable --jwks ({jwks}: {exc})") from exc
-    now = int(time.time())
-    claims = {
-        "iss": client_id,
-        "sub": client_id,
-        "aud": aud,
-        "exp": now + lifetime,
-        "jti": str(uuid.uuid4()),
-    }
-    token = pyjwt.encode(claims, private, algorithm="ES384", headers={"kid": kid})  # type: ignore[arg-type]
-    sys.stdout.write(token + "\n")
+    assert kid is not None
+    try:
+        private = ClientKey.load(key, kid)
+    except MedledgerError as exc:
+        raise CliError(f"cannot read the private key {key}: {exc}") from exc
+    sys.stdout.write(private.assertion(client_id, aud, lifetime=lifetime) + "\n")
 
 
 @app.command("import")

@@ -31,10 +31,13 @@ classes at the boundary, so callers never see ``sqlite3.Error`` or a gRPC status
     ├── StorageError                  a backend failed (I/O, constraint, connection)
     │   └── IntegrityError            stored data fails verification
     ├── OrdererError                  ordering service unavailable; nothing was acknowledged
-    └── NotFoundError                 a requested object (block, tx, record) does not exist
+    ├── NotFoundError                 a requested object (block, tx, record) does not exist
+    └── RemoteError                   a medledger server answered a client with an error
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class MedledgerError(Exception):
@@ -199,3 +202,20 @@ class NotFoundError(MedledgerError):
     """The requested object does not exist."""
 
     code = "not-found"
+
+
+class RemoteError(MedledgerError):
+    """A medledger server answered :mod:`medledger.client` with an error.
+
+    ``status`` is the HTTP status (0 when there was no answer) and ``outcome`` the
+    FHIR OperationOutcome the server sent, if any.
+    """
+
+    code = "remote"
+
+    def __init__(
+        self, message: str = "", *, status: int = 0, outcome: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message, status=status)
+        self.status = status
+        self.outcome = outcome
