@@ -269,20 +269,42 @@ class Client:
 
     # -- the ledger, verified here ---------------------------------------------------------
     async def checkpoint(self) -> Checkpoint:
-        """The node's latest checkpoint, accepted only if a quorum of the pinned keys signed it."""
-        doc = await self._json("GET", f"{self.ledger_base}/checkpoint")
-        return self._trust().check(_text(doc, "note"))
+        """The node's newest checkpoint that a quorum of the pinned keys signed (verified here).
 
-    async def access_proof(self, audit_event: str) -> AccessProof:
-        """Verify an AuditEvent's ``access.log`` entry and its inclusion in the ledger.
-
-        Checks, here: the transaction's bytes hash to the event's id; its signature; the
-        leaf hash; the checkpoint's signatures (:attr:`trust`); the inclusion proof
-        against that checkpoint's root. Raises :class:`ProofError`,
-        :class:`CheckpointError` or :class:`~medledger.errors.BadTransactionSignature`.
+        In a consortium each node signs its newest checkpoint alone and gathers the
+        others' signatures over the next gossip round, so this asks for the newest one
+        with ``trust.quorum`` signers (:class:`RemoteError` 404 if none is recent).
         """
         trust = self._trust()
-        doc = await self._fhir("GET", f"AuditEvent/{audit_event}/$proof")
+        doc = await self._json(
+            "GET",
+            f"{self.ledger_base}/checkpoint",
+            params={"min_signatures": str(trust.quorum)},
+        )
+        return trust.check(_text(doc, "note"))
+
+    async def access_proof(self, audit_event: str, at: Checkpoint | None = None) -> AccessProof:
+        """Verify an AuditEvent's ``access.log`` entry and its inclusion in the ledger.
+
+        The proof is asked against ``at`` (default: :meth:`checkpoint`, the newest one a
+        quorum signed). Checks, here: the transaction's bytes hash to the event's id; its
+        signature; the leaf hash; the checkpoint's signatures (:attr:`trust`) and that
+        it is ``at``; the inclusion proof against its root. Raises :class:`ProofError`
+        (also when the entry is newer than ``at``: ask again after the next gossip
+        round), :class:`CheckpointError` or
+        :class:`~medledger.errors.BadTransactionSignature`.
+        """
+        trust = self._trust()
+        if at is None:
+            at = await self.checkpoint()
+        block = at.block_info()
+        query = {"height": str(block.height)} if block is not None else None
+        try:
+            doc = await self._fhir("GET", f"AuditEvent/{audit_event}/$proof", params=query)
+        except RemoteError as exc:
+            if exc.status == 422:
+                raise ProofError(f"{exc} (not yet in the checkpoint of {at.size} entries)") from exc
+            raise
         params: dict[str, list[Any]] = {}
         for p in doc.get("parameter", []):
             value = next((v for k, v in p.items() if k.startswith("value")), None)
@@ -308,6 +330,8 @@ class Client:
         if str(one("leafHash")).lower() != leaf.hex():
             raise ProofError("the leaf hash does not match the transaction")
         cp = trust.check(str(one("checkpoint")))
+        if (cp.size, cp.root) != (at.size, at.root):
+            raise ProofError("the proof is against another checkpoint than the one asked for")
         index, size = one("leafIndex"), one("treeSize")
         if not isinstance(index, int) or not isinstance(size, int) or size != cp.size:
             raise ProofError("the proof is not for the checkpoint's tree size")

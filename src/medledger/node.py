@@ -33,6 +33,7 @@ from medledger.errors import (
     IntegrityError,
     NotFoundError,
     OrdererError,
+    ProofError,
     StorageError,
     TransactionRejected,
 )
@@ -743,17 +744,28 @@ class Node:
     ) -> list[tuple[bytes, bytes]]:
         return await self._run(lambda: list(self.store.scan(prefix, limit=limit)))
 
-    async def inclusion_proof(self, tx_id: bytes) -> InclusionProof:
-        """Inclusion proof of a transaction against the latest signed checkpoint."""
+    async def inclusion_proof(self, tx_id: bytes, height: int | None = None) -> InclusionProof:
+        """Inclusion proof of a transaction against the latest signed checkpoint, or against
+        the checkpoint of block ``height`` (e.g. one its client holds co-signed by a majority).
+
+        Raises :class:`NotFoundError` for an unknown transaction or height, and
+        :class:`ProofError` when the transaction is not yet in the log at ``height``.
+        """
 
         def _prove() -> InclusionProof:
             rec = self.store.get_tx(tx_id)
             if rec is None:
                 raise NotFoundError(f"transaction {tx_id.hex()} is not on the ledger")
-            got = self.store.get_checkpoint()
-            assert got is not None  # a committed tx implies a checkpoint
+            got = self.store.get_checkpoint(height)
+            if got is None:
+                raise NotFoundError(f"no checkpoint at height {height}")
             note = got[1]
             size = checkpoint_of(note).size
+            if rec.index >= size:
+                raise ProofError(
+                    f"transaction {tx_id.hex()} is entry {rec.index}, not in the log of "
+                    f"{size} entries at height {got[0]}"
+                )
             nodes = inclusion_nodes(rec.index, size)
             proof = nodes.rehash(self.store.get_tree_nodes(nodes.ids))
             return InclusionProof(rec.index, size, leaf_hash(rec.raw), proof, note)

@@ -224,3 +224,36 @@ async def test_access_proofs_and_append_only_are_checked_here(
         await client.checkpoint()
     client.trust = trust_of(live, quorum=3)  # every node signs in embedded mode
     assert (await client.checkpoint()).size >= newer.size
+
+
+async def test_proof_at_a_given_checkpoint_and_cosigned_checkpoints(
+    api: Api, lab: tuple[Client, Tamper]
+) -> None:
+    """The server side of the client's checks: ``$proof?height=`` and ``min_signatures``."""
+    client, _ = lab
+    pid = api.new_patient("hospital")
+    obs = api.observation(pid, "lab")
+    api.consent(pid, to_org="hospital", types=["Observation"])
+    assert api.get(f"Observation/{obs['id']}", "practitioner:dr-house").status_code == 200
+    event = next(
+        e
+        for e in await client.search_all("AuditEvent", patient=pid)
+        if any(obs["id"] in str(o.get("what")) for o in e.get("entity", []))
+    )
+    at = await client.checkpoint()
+    block = at.block_info()
+    assert block is not None
+    proved = await client.access_proof(event["id"], at)
+    assert proved.checkpoint == at
+    path = f"AuditEvent/{event['id']}/$proof"
+    outcome = api.get(f"{path}?height=1", "system:lab")  # long before the entry
+    assert outcome.status_code == 422 and outcome.json()["resourceType"] == "OperationOutcome"
+    assert api.get(f"{path}?height=999999999", "system:lab").status_code == 404
+    assert api.get(f"{path}?height=-1", "system:lab").status_code == 400
+    assert api.get(f"{path}?height=x", "system:lab").status_code == 400
+    with pytest.raises(ProofError):  # the server's checkpoint at that height is not `at`
+        old = await client.checkpoint()
+        await client.access_proof(event["id"], dataclasses.replace(old, size=1))
+    # embedded: every checkpoint is signed by the three organisations' keys
+    assert api.http.get("/api/ledger/checkpoint", params={"min_signatures": 3}).status_code == 200
+    assert api.http.get("/api/ledger/checkpoint", params={"min_signatures": 4}).status_code == 404

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -28,11 +29,15 @@ import pytest
 from api.conftest import SmartClient, lab_observation, new_key, synthea_patient
 from medledger.api.settings import Settings
 from medledger.api.smart import SmartAuthority
+from medledger.client import AccessProof, Client, ClientKey, Trust
 from medledger.consortium import network as net
 from medledger.crypto.keystore import Keystore
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode, encode
+from medledger.errors import ProofError
+from medledger.ledger.note import NoteSigner
 from medledger.ledger.tx import make_tx
+from medledger.node import checkpoint_origin, signer_name
 from medledger.store import open_store
 
 from .test_records import flip_ciphertext
@@ -144,6 +149,37 @@ def fhir(x: XNet, org: str) -> str:
     return str(x.node(org)["api"]) + "/fhir"
 
 
+async def verified_reads(x: XNet, patient: str) -> list[AccessProof]:
+    """phys-b's access entries about ``patient``, each verified by a client of org-1 against
+    a checkpoint signed by both member nodes (their keys pinned from their keystores)."""
+    smart = x.clients["system:org-1"]
+    keys = [
+        NoteSigner(signer_name(NETWORK, org), key_of(x, org, f"node-{org}")).verifier_key()
+        for org in ("org-1", "org-2")
+    ]
+    trust = Trust.from_verifier_keys(keys, origin=checkpoint_origin(NETWORK))
+    assert trust.quorum == 2
+    key = ClientKey(smart.key, smart.kid)
+    async with Client(
+        fhir(x, "org-1"), client_id=smart.client_id, key=key, scope=smart.scope, trust=trust
+    ) as client:
+        kept = await client.checkpoint()
+        events = await client.search_all("AuditEvent", patient=patient)
+        wanted = [e["id"] for e in events if "phys-b" in json.dumps(e)]
+        deadline = time.monotonic() + 30
+        while True:  # until a checkpoint both signed holds every one of them
+            at = await client.checkpoint()
+            try:
+                proofs = [await client.access_proof(e, at) for e in wanted]
+                break
+            except ProofError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+        assert (await client.prove_append_only(kept, at)).size >= kept.size
+        return proofs
+
+
 # -- the test -------------------------------------------------------------------------------
 
 
@@ -234,6 +270,15 @@ def test_a_practitioner_reads_a_record_held_by_another_nodes_organisation(xnet: 
     converge(x)
     entries = [e for e in audit(x, "org-1", pid) if e["actor"] == "phys-b"]
     assert [e["org"] for e in entries] == ["org-2"] * 5  # org-1 logged none of these
+
+    # the patient's custodian checks org-2's reads with medledger.client, trusting no single
+    # node: checkpoints co-signed by both members, each entry proved in the shared log
+    proofs = asyncio.run(verified_reads(x, pid))
+    assert sorted(p.transaction.tx_id.hex() for p in proofs) == sorted(
+        e["tx"].hex() for e in entries
+    )
+    assert {(p.entry["org"], p.entry["actor"]) for p in proofs} == {("org-2", "phys-b")}
+    assert all(p.checkpoint.size > p.leaf_index for p in proofs)
 
     # org-1's stored ciphertext altered: org-2 refuses it (commitment on its own ledger)
     data = Path(x.node("org-1")["data_dir"])

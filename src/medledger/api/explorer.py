@@ -263,17 +263,78 @@ def _block_json(header: BlockHeader, sig: bytes, proposer_org: str | None) -> di
 # -- public endpoints ----------------------------------------------------------------------
 
 
-@router.get("/ledger/checkpoint", summary="Latest signed checkpoint with its co-signatures")
-async def get_checkpoint(runtime: Runtime, response: Response) -> dict[str, Any]:
+#: how many blocks back ``min_signatures`` looks for a checkpoint signed often enough
+COSIGNED_DEPTH = 1000
+
+
+def _signers(note: str, known: set[tuple[str, bytes]]) -> int:
+    """Distinct member key names with a signature line on ``note`` (lines are not verified:
+    a node stores co-signatures only after verifying them, and clients verify again)."""
+    names = set()
+    for line in note[len(note_text(note)) + 1 :].splitlines():
+        try:
+            sig = Signature.parse_line(line)
+        except CheckpointError:
+            continue
+        if (sig.name, sig.key_hash) in known:
+            names.add(sig.name)
+    return len(names)
+
+
+async def _cosigned(node: Node, verifiers: list[NoteVerifier], need: int) -> str | None:
+    """The newest stored checkpoint signed by at least ``need`` members (of the last
+    :data:`COSIGNED_DEPTH` blocks), or None."""
+    known = {(v.name, v.key_hash) for v in verifiers}
+
+    def scan(store: Any) -> str | None:
+        head = store.head_height()
+        for height in range(head, max(-1, head - COSIGNED_DEPTH), -1):
+            got = store.get_checkpoint(height)
+            if got is not None and _signers(got[1], known) >= need:
+                return str(got[1])
+        return None
+
+    return await node.storage(scan)
+
+
+@router.get(
+    "/ledger/checkpoint",
+    summary="Latest signed checkpoint with its co-signatures",
+    responses={404: {"description": "no recent checkpoint has min_signatures signers"}},
+)
+async def get_checkpoint(
+    runtime: Runtime,
+    response: Response,
+    min_signatures: Annotated[
+        int,
+        Query(
+            ge=1,
+            le=64,
+            description="the newest checkpoint signed by at least this many member nodes "
+            "(in a consortium the newest one has its own node's signature until the next "
+            "gossip round)",
+        ),
+    ] = 1,
+) -> dict[str, Any]:
     """The latest checkpoint note, its parsed body, each signature line and the verifier keys.
 
     ``verified`` on a signature is the server's own check; the portal checks again in
-    the browser with the listed ``verifier_keys``.
+    the browser with the listed ``verifier_keys``. With ``min_signatures``, the newest
+    checkpoint of the last blocks that at least that many member nodes signed.
     """
     node = _node(runtime)
-    note = await node.checkpoint()
     orgs = await _orgs(node)
     verifiers = _verifiers(node, orgs)
+    if min_signatures > 1:
+        found = await _cosigned(node, verifiers, min_signatures)
+        if found is None:
+            raise HTTPException(
+                404,
+                f"no checkpoint of the last {COSIGNED_DEPTH} blocks has {min_signatures} signers",
+            )
+        note = found
+    else:
+        note = await node.checkpoint()
     by_id = {(v.name, v.key_hash): v for v in verifiers}
     names = {signer_name(node.network, o["id"]): o for o in orgs}
     text = note_text(note)

@@ -476,8 +476,14 @@ def fhir_router() -> APIRouter:
         response_class=FhirResponse,
     )
 
-    async def proof(aid: str, auth: AuthDep, runtime: RuntimeDep) -> Response:
-        return _render(await runtime.fhir.audit_proof(auth, aid))
+    async def proof(aid: str, request: Request, auth: AuthDep, runtime: RuntimeDep) -> Response:
+        raw = request.query_params.get("height")
+        height = None
+        if raw is not None:
+            if not raw.isdigit() or len(raw) > 18:
+                raise FhirError(400, "value", f"height={raw!r} is not a block height")
+            height = int(raw)
+        return _render(await runtime.fhir.audit_proof(auth, aid, height))
 
     router.add_api_route(
         "/AuditEvent/{aid}/$proof",
@@ -486,8 +492,18 @@ def fhir_router() -> APIRouter:
         summary="Inclusion proof of an AuditEvent's ledger transaction, with the checkpoint",
         operation_id="auditevent_proof",
         tags=["AuditEvent"],
-        responses=_responses(200, _resource_schema("Parameters"), _READ_ERRORS),
+        responses=_responses(200, _resource_schema("Parameters"), (*_READ_ERRORS, 422)),
         response_class=FhirResponse,
+        openapi_extra={
+            "parameters": [
+                _query(
+                    "height",
+                    "Prove against the checkpoint of this block (default: the latest); "
+                    "422 if the entry is not yet in the log there",
+                    {"type": "integer", "minimum": 0},
+                )
+            ]
+        },
     )
 
     async def duplicate_check(request: Request, auth: AuthDep, runtime: RuntimeDep) -> Response:

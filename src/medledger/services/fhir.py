@@ -85,6 +85,7 @@ from medledger.errors import (
     MedledgerError,
     NotFound,
     NotFoundError,
+    ProofError,
     TransactionRejected,
     Unauthorized,
 )
@@ -1401,20 +1402,33 @@ class FhirService:
         events = [audit_event(e, tx_id_hex=str(e["tx"])) for e in reversed(feed)]
         return self._page("AuditEvent", events, params, values)
 
-    async def audit_proof(self, auth: Auth, aid: str) -> dict[str, Any]:
-        """``GET [base]/AuditEvent/[id]/$proof``: the inclusion proof of the entry's transaction.
+    async def audit_proof(self, auth: Auth, aid: str, height: int | None = None) -> dict[str, Any]:
+        """``GET [base]/AuditEvent/[id]/$proof[?height=H]``: the inclusion proof of the
+        entry's transaction.
 
         A Parameters resource with the canonical transaction bytes, the leaf index,
         tree size, leaf hash, audit path and the signed checkpoint (C2SP signed
-        note) it verifies against, plus the verifier keys of the signing nodes.
+        note) it verifies against, plus the verifier keys of the signing nodes. The
+        checkpoint is the latest one, or the one of block ``height`` (a checkpoint the
+        client already holds, e.g. co-signed by a majority of the members: in a
+        consortium the newest checkpoint carries only its own node's signature until
+        the next gossip round). 404 for a height without a checkpoint, 422 when the
+        entry is not yet in the log at that height.
         """
         import base64
 
         auth.require("AuditEvent", "r")
+        if height is not None and height < 0:
+            raise _err(400, "value", "height must not be negative")
         tx_hex = aid.lower()
         entry, raw = await self._audit_entry(tx_hex)
         await self._authorize_meta(auth, entry["patient"], "AuditEvent")
-        proof = await self.node.inclusion_proof(bytes.fromhex(tx_hex))
+        try:
+            proof = await self.node.inclusion_proof(bytes.fromhex(tx_hex), height)
+        except NotFoundError as exc:
+            raise _err(404, "not-found", str(exc)) from exc
+        except ProofError as exc:
+            raise _err(422, "processing", str(exc)) from exc
         params: list[dict[str, Any]] = [
             {"name": "transaction", "valueString": tx_hex},
             {"name": "canonicalTransaction", "valueBase64Binary": base64.b64encode(raw).decode()},
