@@ -23,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+import medledger.client
 from medledger import demo
 from medledger.errors import ProofError
 
@@ -172,7 +173,7 @@ def test_failing_checks_are_reported(
     def forget(db: Path, tx_id: bytes) -> int:
         return -1  # the copy stays intact: verify passes, which the step must not accept
 
-    monkeypatch.setattr(demo, "verify_inclusion", reject)
+    monkeypatch.setattr(medledger.client, "verify_inclusion", reject)  # the patient's client
     monkeypatch.setattr(demo, "_erase_break_glass", forget)
     code = demo.main(tmp_path / "run", serve=False, json_output=True)
     summary = json.loads(capsys.readouterr().out)

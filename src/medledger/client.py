@@ -117,6 +117,7 @@ class AccessProof:
     transaction: Transaction
     leaf_index: int
     checkpoint: Checkpoint
+    audit_path: tuple[bytes, ...] = ()
 
     @property
     def entry(self) -> dict[str, Any]:
@@ -340,7 +341,7 @@ class Client:
         except ValueError as exc:
             raise ProofError("the audit path is not hex") from exc
         verify_inclusion(index, size, leaf, path, cp.root)
-        return AccessProof(tx, index, cp)
+        return AccessProof(tx, index, cp, tuple(path))
 
     async def prove_append_only(
         self, older: Checkpoint, newer: Checkpoint | None = None

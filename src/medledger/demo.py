@@ -36,7 +36,6 @@ interrupted.
 from __future__ import annotations
 
 import asyncio
-import base64
 import copy
 import hashlib
 import json
@@ -54,21 +53,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import jwt
-from cryptography.hazmat.primitives.asymmetric import ec
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from medledger.client import Client, Trust
+from medledger.crypto.client_key import ClientKey
 from medledger.crypto.signing import VerifyKey
 from medledger.datadir import DataDir
 from medledger.encoding import decode, encode
-from medledger.ledger.checkpoint import Checkpoint, verify_checkpoint
+from medledger.ledger.checkpoint import Checkpoint
 from medledger.ledger.note import NoteVerifier
 from medledger.ledger.tx import Transaction
 from medledger.ledger.verify import VerifyReport, verify_ledger
-from medledger.merkle.hasher import leaf_hash
-from medledger.merkle.verify import verify_consistency, verify_inclusion
 from medledger.node import checkpoint_origin, signer_name
 from medledger.store.sqlite import SqliteStore
 
@@ -307,48 +304,30 @@ def _patient_name(resource: Mapping[str, Any]) -> str:
 
 @dataclass
 class SmartClient:
-    """A registered client holding its own ES384 private key."""
+    """A registered client holding its own ES384 key."""
 
     who: str
     client_id: str
-    key: ec.EllipticCurvePrivateKey
-    kid: str
+    key: ClientKey
     scope: str
-
-    def assertion(self, token_url: str, *, jti: str | None = None) -> str:
-        now = int(time.time())
-        claims = {
-            "iss": self.client_id,
-            "sub": self.client_id,
-            "aud": token_url,
-            "iat": now,
-            "exp": now + 240,
-            "jti": jti or str(uuid.uuid4()),
-        }
-        return jwt.encode(claims, self.key, algorithm="ES384", headers={"kid": self.kid})
 
     def form(self, token_url: str, *, jti: str | None = None) -> dict[str, str]:
         return {
             "grant_type": "client_credentials",
             "client_assertion_type": ASSERTION_TYPE,
-            "client_assertion": self.assertion(token_url, jti=jti),
+            "client_assertion": self.key.assertion(self.client_id, token_url, jti=jti),
             "scope": self.scope,
         }
-
-
-def _new_key() -> tuple[ec.EllipticCurvePrivateKey, dict[str, Any]]:
-    key = ec.generate_private_key(ec.SECP384R1())
-    jwk: dict[str, Any] = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
-    kid = "demo-" + uuid.uuid4().hex[:8]
-    jwk.update({"kid": kid, "alg": "ES384", "use": "sig"})
-    return key, jwk
 
 
 class Api:
     """The FHIR API in-process, as the demo's clients (one bearer token each)."""
 
-    def __init__(self, http: httpx.AsyncClient, runtime: Any, token_url: str) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, runtime: Any, token_url: str, fhir_base: str
+    ) -> None:
         self.http = http
+        self.fhir_base = fhir_base
         self.runtime = runtime
         self.token_url = token_url
         self.clients: dict[str, SmartClient] = {}
@@ -360,15 +339,15 @@ class Api:
         scope = {"system": "system/*.cruds", "practitioner": "user/*.cruds"}.get(
             kind, "patient/*.cruds"
         )
-        key, jwk = _new_key()
+        key = ClientKey.generate("demo-" + uuid.uuid4().hex[:8])
         client = await self.runtime.require_smart().register_client(
             org=org,
             practitioner=ident if kind == "practitioner" else None,
             patient=ident if kind == "patient" else None,
-            jwks={"keys": [jwk]},
+            jwks={"keys": [key.public_jwk()]},
             scope=scope,
         )
-        registered = SmartClient(who, client.client_id, key, jwk["kid"], scope)
+        registered = SmartClient(who, client.client_id, key, scope)
         self.clients[who] = registered
         return registered
 
@@ -464,6 +443,22 @@ class Scenario:
             )
             for org in genesis["orgs"]
         ]
+
+    def client(self, who: str) -> Client:
+        """``who``'s :class:`medledger.client.Client`, trusting checkpoints only when every
+        organisation's node key (from the genesis file, not from the server) signed them."""
+        api = self._api()
+        registered = api.clients[who]
+        verifiers = tuple(self.verifiers())
+        return Client(
+            api.fhir_base,
+            client_id=registered.client_id,
+            key=registered.key,
+            scope=registered.scope,
+            trust=Trust(verifiers, len(verifiers), checkpoint_origin(NETWORK)),
+            token_url=api.token_url,
+            http=api.http,
+        )
 
     async def audit(self, patient: str) -> list[dict[str, Any]]:
         """The patient's access log as the ledger holds it (oldest first)."""
@@ -561,7 +556,7 @@ class Scenario:
                     timeout=120,
                 ) as http,
             ):
-                self.api = Api(http, app.state.runtime, settings.token_url)
+                self.api = Api(http, app.state.runtime, settings.token_url, settings.fhir_base)
                 await run_steps(api_steps)
             self._write_labels()
         else:
@@ -765,10 +760,8 @@ class Scenario:
         )
         api = self._api()
         # the patient keeps the checkpoint he saw now, to check later that the log only grew
-        doc = _expect(await api.http.get("/api/ledger/checkpoint"), 200, "checkpoint")
-        self.first_checkpoint = verify_checkpoint(
-            doc["note"], self.verifiers(), origin=checkpoint_origin(NETWORK)
-        )
+        async with self.client(f"patient:{tom.id}") as client:
+            self.first_checkpoint = await client.checkpoint()
         consent = consent_resource(tom.id, "hospital", CONSENTED_TYPES)
         r = await api.request("POST", "/fhir/Consent", f"patient:{tom.id}", body=consent)
         created = _expect(r, 201, "Consent create")
@@ -1023,50 +1016,27 @@ class Scenario:
 
     async def step_audit_proved(self) -> str:
         tom = self.tom
-        api = self._api()
         self.story(
             f"{tom.name} checks the break-glass entry himself: its transaction, its inclusion "
             "proof, the checkpoint signed by the network's nodes, and that the log only grew "
             "since the checkpoint he kept when he consented."
         )
-        r = await api.request(
-            "GET", f"/fhir/AuditEvent/{self.break_glass_tx}/$proof", f"patient:{tom.id}"
-        )
-        params: dict[str, list[Any]] = {}
-        for p in _expect(r, 200, "$proof")["parameter"]:
-            value = next(v for k, v in p.items() if k.startswith("value"))
-            params.setdefault(p["name"], []).append(value)
-        raw = base64.b64decode(params["canonicalTransaction"][0])
-        check(hashlib.sha256(raw).hexdigest() == self.break_glass_tx, "tx bytes do not match id")
-        tx = Transaction.from_bytes(raw)
-        tx.verify_signature()
-        check(
-            tx.type == "access.log" and tx.payload.get("break_glass") is True,
-            "the proved transaction is not the break-glass access entry",
-        )
-        leaf = leaf_hash(raw)
-        check(leaf.hex() == params["leafHash"][0], "the leaf hash does not match the bytes")
-        cp = verify_checkpoint(
-            params["checkpoint"][0], self.verifiers(), origin=checkpoint_origin(NETWORK)
-        )
-        index, size = int(params["leafIndex"][0]), int(params["treeSize"][0])
-        check(size == cp.size, "the proof is not for the checkpoint's tree size")
-        proof = [bytes.fromhex(h) for h in params.get("proof", [])]
-        verify_inclusion(index, size, leaf, proof, cp.root)
         first = self.first_checkpoint
         check(first is not None, "no earlier checkpoint was kept")
         assert first is not None
-        r = await api.http.get(
-            "/api/ledger/consistency", params={"first": first.size, "second": cp.size}
-        )
-        doc = _expect(r, 200, "consistency proof")
-        verify_consistency(
-            first.size, cp.size, [bytes.fromhex(h) for h in doc["proof"]], first.root, cp.root
-        )
+        # medledger.client checks it all here: the bytes hash to the entry's id, the
+        # patient-visible signature, the inclusion proof, the checkpoint's signatures
+        async with self.client(f"patient:{tom.id}") as client:
+            proof = await client.access_proof(self.break_glass_tx)
+            check(
+                proof.transaction.type == "access.log" and proof.entry.get("break_glass") is True,
+                "the proved transaction is not the break-glass access entry",
+            )
+            cp = await client.prove_append_only(first, proof.checkpoint)
         return (
-            f"leaf {index} of {size}: inclusion proof ({len(proof)} hashes) verified against a "
-            f"checkpoint signed by the network's node keys; log {first.size} -> {cp.size} "
-            "proved append-only"
+            f"leaf {proof.leaf_index} of {cp.size}: inclusion proof ({len(proof.audit_path)} "
+            "hashes) verified against a checkpoint signed by the network's node keys; log "
+            f"{first.size} -> {cp.size} proved append-only"
         )
 
     async def step_ledger_verified(self) -> str:

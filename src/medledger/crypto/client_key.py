@@ -78,9 +78,19 @@ class ClientKey:
         return jwk
 
     def assertion(
-        self, client_id: str, token_url: str, *, lifetime: int = 240, now: int | None = None
+        self,
+        client_id: str,
+        token_url: str,
+        *,
+        lifetime: int = 240,
+        now: int | None = None,
+        jti: str | None = None,
     ) -> str:
-        """A signed client assertion for ``token_url`` (``now``: Unix seconds, for tests)."""
+        """A signed client assertion for ``token_url``.
+
+        ``now`` (Unix seconds) and ``jti`` (default: a fresh UUID) are for tests and
+        demonstrations, e.g. showing that a replayed assertion is refused.
+        """
         if not 1 <= lifetime <= MAX_ASSERTION_SECONDS:
             raise ValueError(f"an assertion lives 1..{MAX_ASSERTION_SECONDS} s")
         issued = int(time.time()) if now is None else now
@@ -90,7 +100,7 @@ class ClientKey:
             "aud": token_url,
             "iat": issued,
             "exp": issued + lifetime,
-            "jti": str(uuid.uuid4()),
+            "jti": jti or str(uuid.uuid4()),
         }
         return jwt.encode(claims, self._key, algorithm="ES384", headers={"kid": self.kid})
 
