@@ -28,6 +28,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from api.conftest import build_network, synthea_patient
+from medledger.crypto.signing import SigningKey, VerifyKey
+from medledger.ledger.note import NoteSigner, NoteVerifier
+from medledger.node import signer_name
 
 BIN = Path(sys.executable).with_name("medledger")
 
@@ -199,6 +202,45 @@ def test_serve_with_tls_and_a_cli_registered_client(
             "client", "assertion", "--client-id", client_id, "--key", key_file, "--aud", token_url
         ).stdout.strip()
         assert again != assertion
+
+    # the access log checked from outside with the client (trusting the genesis node keys)
+    genesis = json.loads((node / "genesis.json").read_text())
+    trusted = [
+        NoteVerifier(
+            signer_name(genesis["network"], org["id"]), VerifyKey(bytes.fromhex(org["node_key"]))
+        ).verifier_key()
+        for org in genesis["orgs"]
+    ]
+    kept = tmp_path / "kept.note"
+    audit = [
+        "client", "audit", "--fhir", f"{base}/fhir", "--client-id", client_id, "--key", key_file,
+        "--patient", pid, "--cacert", cert, "--keep", kept, "--scope", "system/*.cruds",
+    ]  # fmt: skip
+    for k in trusted:
+        audit += ["--trust", k]
+    first = json.loads(run(*audit, "--json").stdout)
+    assert first["append_only_since"] is None and first["checkpoint"]["quorum"] == 2
+    assert [r["outcome"] for r in first["verified"]] == ["permit"]  # the Patient read above
+    assert first["verified"][0]["org"] == "hospital"
+    assert kept.read_text().startswith("medledger/")
+    second = json.loads(run(*audit, "--json").stdout)  # the first check was logged too
+    assert second["append_only_since"] == first["checkpoint"]["size"]
+    assert len(second["verified"]) > 1 and {r["outcome"] for r in second["verified"]} == {"permit"}
+    assert second["checkpoint"]["size"] > first["checkpoint"]["size"]
+    table = run(*audit).stdout
+    assert "verified against a checkpoint" in table and "the log only grew" in table
+    # a kept checkpoint that the trusted keys did not sign is refused, with one line
+    origin, size, rest = kept.read_text().split("\n", 2)
+    kept.write_text(f"{origin}\n{int(size) - 1}\n{rest}")  # a log the nodes never signed
+    bad = run(*audit, check=False)
+    assert bad.returncode != 0 and "does not verify" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    # keys the node's checkpoints are not signed with: nothing is trusted
+    stranger = NoteSigner(f"{genesis['network']}/hospital", SigningKey.generate()).verifier_key()
+    kept.unlink()
+    untrusted = [a for a in audit if a not in trusted and a != "--trust"] + ["--trust", stranger]
+    refused = run(*untrusted, check=False)
+    assert refused.returncode == 1 and "checkpoint" in refused.stderr
 
     # plain HTTP to the TLS port is not served
     with pytest.raises(httpx.HTTPError):

@@ -28,6 +28,11 @@ from medledger.ledger.verify import verify_ledger
 from medledger.merkle.verify import verify_consistency, verify_inclusion
 
 if TYPE_CHECKING:
+    import ssl
+
+    from medledger.client import Trust
+    from medledger.crypto.client_key import ClientKey
+    from medledger.ledger.checkpoint import Checkpoint
     from medledger.services.fhir import ImportReport, ImportWorkers
 
 __all__ = ["app", "main"]
@@ -490,6 +495,158 @@ def client_assertion(
     except MedledgerError as exc:
         raise CliError(f"cannot read the private key {key}: {exc}") from exc
     sys.stdout.write(private.assertion(client_id, aud, lifetime=lifetime) + "\n")
+
+
+@client_app.command("audit")
+def client_audit(
+    fhir: Annotated[str, typer.Option("--fhir", help="The node's FHIR base URL.")],
+    client_id: Annotated[str, typer.Option("--client-id", help="The registered client id.")],
+    key: Annotated[Path, typer.Option("--key", help="The client's private key (PEM).")],
+    patient: Annotated[str, typer.Option("--patient", help="Whose access log to check.")],
+    trust: Annotated[
+        list[str],
+        typer.Option(
+            "--trust",
+            help="A member node's checkpoint verifier key (`medledger checkpoint "
+            "--verifier-key` at that organisation); repeat for each.",
+        ),
+    ],
+    quorum: Annotated[
+        int | None, typer.Option(help="Signatures a checkpoint needs (default: a majority).")
+    ] = None,
+    keep: Annotated[
+        Path | None,
+        typer.Option(
+            "--keep",
+            help="A file holding the checkpoint kept last time: prove the log only grew "
+            "since it, then keep the new one there.",
+        ),
+    ] = None,
+    kid: Annotated[str | None, typer.Option(help="Key id (default: from the key's JWKS).")] = None,
+    scope: Annotated[str, typer.Option(help="Scopes to ask for.")] = "system/AuditEvent.rs",
+    cacert: Annotated[
+        Path | None, typer.Option("--cacert", help="CA certificate (PEM) of the node's TLS.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Check a patient's access log on a node without trusting it.
+
+    Every access entry (AuditEvent) is verified here with medledger.client: its signed
+    transaction, its inclusion in the log of a checkpoint that a quorum of the trusted
+    node keys signed, and (with --keep) that the log only grew since the last check.
+    Exits 1 naming the first entry that fails.
+    """
+    import ssl
+
+    from rich.table import Table
+
+    from medledger.client import Trust
+    from medledger.crypto.client_key import ClientKey
+
+    if kid is None:
+        jwks = Path(str(key).removesuffix("-key.pem") + "-jwks.json")
+        try:
+            kid = json.loads(jwks.read_text())["keys"][0]["kid"]
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise CliError(f"give --kid or keep the key's JWKS beside it ({jwks}: {exc})") from exc
+    assert kid is not None
+    pinned = Trust.from_verifier_keys(trust, quorum=quorum)
+    kept = None
+    if keep is not None and keep.exists():
+        try:
+            kept = pinned.check(keep.read_text())
+        except (OSError, MedledgerError) as exc:
+            raise CliError(f"the kept checkpoint {keep} does not verify: {exc}") from exc
+    verify: ssl.SSLContext | bool = True
+    if cacert is not None:
+        verify = ssl.create_default_context(cafile=str(cacert))
+    rows, cp, note = asyncio.run(
+        _verified_audit(
+            fhir, client_id, ClientKey.load(key, kid), scope, pinned, verify, patient, kept
+        )
+    )
+    if keep is not None:
+        keep.write_text(note)
+    summary = {
+        "patient": patient,
+        "verified": rows,
+        "checkpoint": {"size": cp.size, "root": cp.root.hex(), "quorum": pinned.quorum},
+        "append_only_since": None if kept is None else kept.size,
+    }
+    if as_json:
+        emit_json(summary)
+        return
+    table = Table(title=f"access log of {patient}, verified here")
+    for col in ("when (UTC)", "who", "organisation", "purpose", "outcome", "records", "leaf"):
+        table.add_column(col)
+    for r in rows:
+        outcome = str(r["outcome"]) + (" (break-glass)" if r["break_glass"] else "")
+        table.add_row(
+            r["time"],
+            str(r["actor"]),
+            str(r["org"]),
+            str(r["purpose"]),
+            outcome,
+            str(r["records"]),
+            str(r["leaf"]),
+        )
+    out.print(table)
+    grew = "" if kept is None else f"; the log only grew since the kept one ({kept.size} entries)"
+    out.print(
+        f"{len(rows)} entries verified against a checkpoint of {cp.size} entries signed by "
+        f"at least {pinned.quorum} trusted node keys{grew}"
+    )
+
+
+async def _verified_audit(
+    fhir: str,
+    client_id: str,
+    key: ClientKey,
+    scope: str,
+    trust: Trust,
+    verify: ssl.SSLContext | bool,
+    patient: str,
+    kept: Checkpoint | None,
+) -> tuple[list[dict[str, Any]], Checkpoint, str]:
+    """``client audit``'s checks over the network: (rows, checkpoint, its signed note)."""
+    from datetime import UTC, datetime
+
+    import httpx
+
+    from medledger.client import Client
+    from medledger.errors import ProofError
+
+    rows: list[dict[str, Any]] = []
+    async with (
+        httpx.AsyncClient(verify=verify, timeout=60) as http,
+        Client(fhir, client_id=client_id, key=key, scope=scope, trust=trust, http=http) as client,
+    ):
+        cp, note = await client.checkpoint_note()
+        for event in await client.search_all("AuditEvent", patient=patient):
+            try:
+                proof = await client.access_proof(str(event["id"]), cp)
+            except ProofError as exc:
+                if "not yet in the checkpoint" in str(exc):
+                    continue  # newer than the co-signed checkpoint: checked next time
+                raise ProofError(f"AuditEvent/{event['id']}: {exc}") from exc
+            e = proof.entry
+            when = datetime.fromtimestamp(proof.transaction.time / 1000, UTC)
+            rows.append(
+                {
+                    "id": str(event["id"]),
+                    "time": when.isoformat(timespec="seconds"),
+                    "actor": e.get("actor"),
+                    "org": e.get("org"),
+                    "purpose": e.get("purpose"),
+                    "outcome": e.get("outcome"),
+                    "break_glass": bool(e.get("break_glass")),
+                    "records": len(e.get("records") or []),
+                    "leaf": proof.leaf_index,
+                }
+            )
+        if kept is not None:
+            await client.prove_append_only(kept, cp)
+    return rows, cp, note
 
 
 @app.command("import")

@@ -276,13 +276,18 @@ class Client:
         others' signatures over the next gossip round, so this asks for the newest one
         with ``trust.quorum`` signers (:class:`RemoteError` 404 if none is recent).
         """
+        return (await self.checkpoint_note())[0]
+
+    async def checkpoint_note(self) -> tuple[Checkpoint, str]:
+        """:meth:`checkpoint` with its signed note, to keep (``trust.check(note)`` reopens it)."""
         trust = self._trust()
         doc = await self._json(
             "GET",
             f"{self.ledger_base}/checkpoint",
             params={"min_signatures": str(trust.quorum)},
         )
-        return trust.check(_text(doc, "note"))
+        note = _text(doc, "note")
+        return trust.check(note), note
 
     async def access_proof(self, audit_event: str, at: Checkpoint | None = None) -> AccessProof:
         """Verify an AuditEvent's ``access.log`` entry and its inclusion in the ledger.
