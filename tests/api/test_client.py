@@ -257,3 +257,38 @@ async def test_proof_at_a_given_checkpoint_and_cosigned_checkpoints(
     # embedded: every checkpoint is signed by the three organisations' keys
     assert api.http.get("/api/ledger/checkpoint", params={"min_signatures": 3}).status_code == 200
     assert api.http.get("/api/ledger/checkpoint", params={"min_signatures": 4}).status_code == 404
+
+
+async def test_cosigned_lookups_read_only_new_blocks() -> None:
+    """``min_signatures`` remembers its last answer: later calls read only newer blocks."""
+    from medledger.api.explorer import _cosigned
+
+    signers = [NoteSigner(f"{NETWORK}/org-{i}", SigningKey.generate()) for i in range(3)]
+    verifiers = [s.verifier() for s in signers]
+    notes = {h: sign_note(f"medledger/{NETWORK}\n{h}\nroot{h}\n", signers[:1]) for h in range(50)}
+    notes[40] = sign_note(f"medledger/{NETWORK}\n40\nroot40\n", signers[:2])  # co-signed
+    reads: list[int] = []
+
+    class Store:
+        def head_height(self) -> int:
+            return max(notes)
+
+        def get_checkpoint(self, height: int) -> tuple[int, str] | None:
+            reads.append(height)
+            return (height, notes[height]) if height in notes else None
+
+    class FakeNode:
+        async def storage(self, fn: Callable[[Store], Any]) -> Any:
+            return fn(Store())
+
+    found: dict[int, tuple[int, str]] = {}
+    node: Any = FakeNode()
+    assert await _cosigned(node, verifiers, 2, found) == notes[40]
+    assert reads == list(range(49, 39, -1))
+    reads.clear()
+    for h in range(50, 55):  # five new blocks, signed by one node only
+        notes[h] = sign_note(f"medledger/{NETWORK}\n{h}\nroot{h}\n", signers[:1])
+    assert await _cosigned(node, verifiers, 2, found) == notes[40]
+    assert reads == list(range(54, 40, -1))  # down to the remembered one, not 1000 back
+    reads.clear()
+    assert await _cosigned(node, verifiers, 4, found) is None and reads == []  # > members

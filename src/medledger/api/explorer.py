@@ -281,20 +281,38 @@ def _signers(note: str, known: set[tuple[str, bytes]]) -> int:
     return len(names)
 
 
-async def _cosigned(node: Node, verifiers: list[NoteVerifier], need: int) -> str | None:
+async def _cosigned(
+    node: Node, verifiers: list[NoteVerifier], need: int, found: dict[int, tuple[int, str]]
+) -> str | None:
     """The newest stored checkpoint signed by at least ``need`` members (of the last
-    :data:`COSIGNED_DEPTH` blocks), or None."""
-    known = {(v.name, v.key_hash) for v in verifiers}
+    :data:`COSIGNED_DEPTH` blocks), or None.
 
-    def scan(store: Any) -> str | None:
+    ``found`` remembers the last answer per ``need`` (signatures are only ever added),
+    so a call reads only the blocks committed since: the store has one thread, and a
+    public endpoint must not be able to make it read a thousand checkpoints per request.
+    """
+    if need > len(verifiers):
+        return None  # more signers than members: never
+    known = {(v.name, v.key_hash) for v in verifiers}
+    last = found.get(need)
+
+    def scan(store: Any) -> tuple[int, str] | None:
         head = store.head_height()
-        for height in range(head, max(-1, head - COSIGNED_DEPTH), -1):
+        floor = max(-1, head - COSIGNED_DEPTH)
+        if last is not None:
+            floor = max(floor, last[0])
+        for height in range(head, floor, -1):
             got = store.get_checkpoint(height)
             if got is not None and _signers(got[1], known) >= need:
-                return str(got[1])
-        return None
+                return int(got[0]), str(got[1])
+        return last if last is not None and last[0] > head - COSIGNED_DEPTH else None
 
-    return await node.storage(scan)
+    hit = await node.storage(scan)
+    if hit is None:
+        found.pop(need, None)
+        return None
+    found[need] = hit
+    return hit[1]
 
 
 @router.get(
@@ -304,6 +322,7 @@ async def _cosigned(node: Node, verifiers: list[NoteVerifier], need: int) -> str
 )
 async def get_checkpoint(
     runtime: Runtime,
+    request: Request,
     response: Response,
     min_signatures: Annotated[
         int,
@@ -326,7 +345,12 @@ async def get_checkpoint(
     orgs = await _orgs(node)
     verifiers = _verifiers(node, orgs)
     if min_signatures > 1:
-        found = await _cosigned(node, verifiers, min_signatures)
+        cache: dict[int, tuple[int, str]] | None = getattr(
+            request.app.state, "explorer_cosigned", None
+        )
+        if cache is None:
+            cache = request.app.state.explorer_cosigned = {}
+        found = await _cosigned(node, verifiers, min_signatures, cache)
         if found is None:
             raise HTTPException(
                 404,
