@@ -9,12 +9,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from medledger.datadir import DataDir
 from medledger.ledger.checkpoint import checkpoint_of, verify_checkpoint
@@ -140,6 +142,35 @@ def test_token_endpoint_refuses_bad_assertions(api: Api, live: LiveServer) -> No
 
     bad_grant = token({**client.form(), "grant_type": "password"})
     assert bad_grant.status_code == 400 and bad_grant.json()["error"] == "unsupported_grant_type"
+
+
+def test_authentication_attempts_are_logged_without_secrets(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Log-in monitoring: issued tokens, refused token requests and refused bearer tokens
+    go to the ``medledger.security`` log with the client and address, never a secret."""
+    client = api.client("system:clinic", "system/*.rs")
+    caplog.set_level(logging.INFO, logger="medledger.security")
+    good = client.form()
+    issued = api.http.post("/auth/token", data=good)
+    assert issued.status_code == 200
+    replay = api.http.post("/auth/token", data=good)
+    assert replay.status_code == 401
+    bogus = "not-a-token-" + "x" * 20
+    r = api.http.get("/fhir/Observation?patient=p", headers={"Authorization": f"Bearer {bogus}"})
+    assert r.status_code == 401
+    records = [rec for rec in caplog.records if rec.name == "medledger.security"]
+    lines = [rec.getMessage() for rec in records]
+    assert any(
+        "issued a token" in m and client.client_id in m and "127.0.0.1" in m for m in lines
+    ), lines
+    refused = [rec for rec in records if "refused a token request" in rec.getMessage()]
+    assert refused and refused[0].levelno == logging.WARNING
+    assert client.client_id in refused[0].getMessage() and "jti" in refused[0].getMessage()
+    assert any("refused a bearer token" in m and "/fhir/Observation" in m for m in lines)
+    text = "\n".join(lines)
+    for secret in (good["client_assertion"], issued.json()["access_token"], bogus):
+        assert secret not in text
 
 
 def test_missing_invalid_and_expired_tokens_are_401(api: Api, live: LiveServer) -> None:

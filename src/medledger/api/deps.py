@@ -12,6 +12,7 @@ emergency clinician holding an open break-glass declaration, and always logs).
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -39,6 +40,10 @@ _bearer = HTTPBearer(
     description="A SMART Backend Services access token from POST /auth/token.",
 )
 
+#: authentication events (refused bearer tokens and token requests, issued tokens), for
+#: log-in monitoring; never a token or an assertion, only what identifies the attempt
+security_log = logging.getLogger("medledger.security")
+
 _PURPOSE_HEADER = "x-purpose-of-use"
 _BREAK_GLASS_HEADER = "x-break-glass"
 
@@ -53,16 +58,32 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
+def peer_of(request: Request) -> str:
+    """The address a request came from (after uvicorn's proxy-header handling)."""
+    return request.client.host if request.client is not None else "?"
+
+
 async def current_token(
+    request: Request,
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> TokenInfo:
-    """The introspected bearer token; 401 when missing, unknown or expired."""
+    """The introspected bearer token; 401 when missing, unknown or expired (logged)."""
     if credentials is None:
+        security_log.info(
+            "no bearer token for %s %s from %s", request.method, request.url.path, peer_of(request)
+        )
         raise FhirError(401, "login", "a bearer token is required (see /auth/token)")
     try:
         return await runtime.require_smart().introspect(credentials.credentials)
     except SmartError as exc:
+        security_log.warning(
+            "refused a bearer token (%s) for %s %s from %s",
+            exc.description,
+            request.method,
+            request.url.path,
+            peer_of(request),
+        )
         raise FhirError(401, "login", "the bearer token is not valid or has expired") from exc
 
 

@@ -30,10 +30,11 @@ from enum import Enum
 from typing import Any
 from urllib.parse import parse_qsl
 
+import jwt
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from medledger.api.deps import AuthDep, RuntimeDep
+from medledger.api.deps import AuthDep, RuntimeDep, peer_of, security_log
 from medledger.api.smart import SmartError
 from medledger.fhir.jsontext import dump_json
 from medledger.fhir.outcome import FhirError, operation_outcome
@@ -379,6 +380,39 @@ for _path in ("/.well-known/smart-configuration", "/fhir/.well-known/smart-confi
     },
 )
 async def token(request: Request, runtime: RuntimeDep) -> Response:
+    form: dict[str, str] = {}
+    try:
+        doc = await _token(request, runtime, form)
+    except SmartError as exc:
+        security_log.warning(
+            "refused a token request from %s: %s (%s); client claimed %r",
+            peer_of(request),
+            exc.error,
+            exc.description,
+            _claimed_client(form),
+        )
+        raise
+    security_log.info(
+        "issued a token to client %r (scope %r) from %s",
+        _claimed_client(form),
+        doc.get("scope"),
+        peer_of(request),
+    )
+    return JSONResponse(doc, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+def _claimed_client(form: dict[str, str]) -> str:
+    """The ``iss`` a client assertion claims (unverified: for the log only), or ``?``."""
+    try:
+        claims = jwt.decode(form.get("client_assertion", ""), options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return "?"
+    iss = claims.get("iss")
+    return iss[:100] if isinstance(iss, str) else "?"
+
+
+async def _token(request: Request, runtime: RuntimeDep, form: dict[str, str]) -> dict[str, Any]:
+    """The token endpoint's work; fills ``form`` as it parses it (for the log)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/x-www-form-urlencoded":
         raise SmartError(400, "invalid_request", "send application/x-www-form-urlencoded")
@@ -387,13 +421,12 @@ async def token(request: Request, runtime: RuntimeDep) -> Response:
         pairs = parse_qsl(text, keep_blank_values=True, strict_parsing=False)
     except (UnicodeDecodeError, ValueError) as exc:
         raise SmartError(400, "invalid_request", "the form body is not valid") from exc
-    form: dict[str, str] = {}
     for key, value in pairs:
         if key in form:
             raise SmartError(400, "invalid_request", f"parameter {key} is repeated")
         form[key] = value
-    doc = await runtime.require_smart().token(form)
-    return JSONResponse(doc, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+    doc: dict[str, Any] = await runtime.require_smart().token(form)
+    return doc
 
 
 # -- FHIR -----------------------------------------------------------------------------------
