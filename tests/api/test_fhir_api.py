@@ -214,6 +214,27 @@ def test_create_read_update_version_delete(api: Api) -> None:
     assert r.json()["valueQuantity"]["value"] == 5.9
     assert "last-modified" in r.headers and r.headers["cache-control"] == "no-store"
 
+    # conditional read: 304 (no body) while the client holds the current version
+    modified = r.headers["last-modified"]
+    for held in (
+        {"If-None-Match": 'W/"1"'},
+        {"If-None-Match": '"1", W/"7"'},
+        {"If-None-Match": "*"},
+    ):
+        same = api.get(f"Observation/{oid}", "system:lab", headers=held)
+        assert same.status_code == 304 and same.content == b"", held
+        assert same.headers["etag"] == 'W/"1"' and same.headers["last-modified"] == modified
+    assert (
+        api.get(f"Observation/{oid}", "system:lab", headers={"If-None-Match": 'W/"2"'}).status_code
+        == 200
+    )
+    since = {"If-Modified-Since": modified}
+    assert api.get(f"Observation/{oid}", "system:lab", headers=since).status_code == 304
+    earlier = {"If-Modified-Since": "Sat, 01 Jan 2000 00:00:00 GMT"}
+    assert api.get(f"Observation/{oid}", "system:lab", headers=earlier).status_code == 200
+    garbage = {"If-Modified-Since": "yesterday"}
+    assert api.get(f"Observation/{oid}", "system:lab", headers=garbage).status_code == 200
+
     changed = {**r.json(), "valueQuantity": {**body["valueQuantity"], "value": 6.1}}
     r = api.put(f"Observation/{oid}", changed, "system:lab", headers={"If-Match": 'W/"1"'})
     assert r.status_code == 200, r.text
@@ -376,6 +397,9 @@ def test_every_read_search_and_denial_is_logged_once(api: Api) -> None:
     e = one_entry(lambda: api.get(f"Observation/{obs['id']}", who), 200)
     assert e["outcome"] == "permit" and e["records"] == [obs["id"]] and e["actor"] == "dr-clinic"
     assert e["on_behalf"] == api.client(who, "user/*.cruds").client_id  # unique identification
+    held = {"If-None-Match": 'W/"1"'}  # a conditional read answered 304 is still an access
+    e = one_entry(lambda: api.get(f"Observation/{obs['id']}", who, headers=held), 304)
+    assert e["outcome"] == "permit" and e["records"] == [obs["id"]]
     e = one_entry(lambda: api.get(f"Observation?patient={pid}", who), 200)
     assert e["outcome"] == "permit"
     e = one_entry(lambda: api.get(f"Observation?patient={pid}&code=0000-0", who), 200)

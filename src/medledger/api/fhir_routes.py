@@ -25,7 +25,7 @@ Interactions (``[type]`` is one of the served types):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from email.utils import formatdate
+from email.utils import formatdate, parsedate_to_datetime
 from enum import Enum
 from typing import Any
 from urllib.parse import parse_qsl
@@ -214,12 +214,43 @@ def _render(
     return FhirResponse(doc, status_code=status, headers=headers)
 
 
-def _result_response(result: Result) -> Response:
+def _validators(result: Result) -> dict[str, str]:
+    """``ETag`` and ``Last-Modified`` of a result, where it has them."""
     headers: dict[str, str] = {}
     if result.version is not None:
         headers["ETag"] = etag(result.version)
     if result.last_updated is not None:
         headers["Last-Modified"] = formatdate(result.last_updated / 1000, usegmt=True)
+    return headers
+
+
+def _not_modified(request: Request, result: Result) -> bool:
+    """A conditional read (RFC 9110 13.1.2, 13.1.3) whose client already holds this version.
+
+    ``If-None-Match`` (weak comparison, ``*`` matches any) takes precedence over
+    ``If-Modified-Since``, which compares whole seconds with the version's lastUpdated.
+    """
+    inm = request.headers.get("if-none-match")
+    if inm is not None:
+        if result.version is None:
+            return False
+        mine = etag(result.version).removeprefix("W/")
+        tags = {t.strip().removeprefix("W/") for t in inm.split(",")}
+        return "*" in tags or mine in tags
+    ims = request.headers.get("if-modified-since")
+    if ims is None or result.last_updated is None:
+        return False
+    try:
+        since = parsedate_to_datetime(ims)
+    except (TypeError, ValueError):
+        return False  # an invalid date is ignored (RFC 9110 13.1.3)
+    if since.tzinfo is None:
+        return False
+    return result.last_updated // 1000 <= int(since.timestamp())
+
+
+def _result_response(result: Result) -> Response:
+    headers = _validators(result)
     if result.location is not None:
         headers["Location"] = result.location
         headers["Content-Location"] = result.location
@@ -610,8 +641,11 @@ def _type_routes(router: APIRouter, rtype: str) -> None:
             response_class=FhirResponse,
         )
 
-    async def read(rid: str, auth: AuthDep, runtime: RuntimeDep) -> Response:
-        return _result_response(await runtime.fhir.read(auth, rtype, rid))
+    async def read(rid: str, request: Request, auth: AuthDep, runtime: RuntimeDep) -> Response:
+        result = await runtime.fhir.read(auth, rtype, rid)  # decided and logged either way
+        if _not_modified(request, result):
+            return Response(status_code=304, headers=_validators(result))
+        return _result_response(result)
 
     router.add_api_route(
         f"/{rtype}/{{rid}}",
@@ -620,7 +654,10 @@ def _type_routes(router: APIRouter, rtype: str) -> None:
         summary=f"Read {rtype}",
         operation_id=f"read_{low}",
         tags=tags,
-        responses=_responses(200, schema, _READ_ERRORS),
+        responses={
+            **_responses(200, schema, _READ_ERRORS),
+            304: {"description": "Not modified (If-None-Match or If-Modified-Since)"},
+        },
         response_class=FhirResponse,
     )
 

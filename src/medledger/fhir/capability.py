@@ -101,7 +101,10 @@ def capability_statement(
             "readHistory": "vread" in kinds,
             "updateCreate": False,
             "conditionalCreate": False,
-            "conditionalRead": "not-supported",
+            # If-None-Match on every read; If-Modified-Since where versions carry lastUpdated
+            "conditionalRead": "not-match"
+            if rtype in ("Consent", "AuditEvent")
+            else "full-support",
             "conditionalUpdate": False,
             "conditionalDelete": "not-supported",
             "referencePolicy": ["literal", "local"],
