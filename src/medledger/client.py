@@ -238,7 +238,9 @@ class Client:
             )
             if nxt is None:
                 return
-            bundle = await self._fhir("GET", nxt)
+            # only the link's query is taken, and asked of this client's own base: a
+            # server's link cannot send the bearer token to another host
+            bundle = await self._fhir("GET", f"{resource_type}?{urlsplit(str(nxt)).query}")
 
     async def search_all(self, resource_type: str, **params: str | int) -> list[dict[str, Any]]:
         return [r async for r in self.search(resource_type, **params)]
@@ -387,8 +389,7 @@ class Client:
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        url = path if path.startswith(("http://", "https://")) else f"{self.fhir_base}/{path}"
-        url = url.rstrip("/")
+        url = f"{self.fhir_base}/{path}".rstrip("/")  # always under the FHIR base
         extra = {"Accept": FHIR_JSON, **(headers or {})}
         if self.purpose:
             extra["X-Purpose-Of-Use"] = self.purpose

@@ -30,8 +30,10 @@ class Tamper(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.rewrite: Rewrite | None = None
+        self.hosts: list[str] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.hosts.append(request.url.host)
         response = await self.inner.handle_async_request(request)
         body = await response.aread()
         if self.rewrite is not None and response.status_code == 200:
@@ -79,7 +81,7 @@ async def lab(live: LiveServer) -> AsyncIterator[tuple[Client, Tamper]]:
 async def test_fhir_round_trip_with_decimals_versions_and_errors(
     api: Api, lab: tuple[Client, Tamper]
 ) -> None:
-    client, _ = lab
+    client, tamper = lab
     pid = api.new_patient()
     body = lab_observation(pid)
     body["valueQuantity"]["value"] = Decimal("5.40")
@@ -104,6 +106,20 @@ async def test_fhir_round_trip_with_decimals_versions_and_errors(
         await client.create(lab_observation(pid, value=1.0 + i))
     found = await client.search_all("Observation", patient=pid, _count=2)
     assert len(found) == 5 and len({r["id"] for r in found}) == 5
+
+    # a server's paging link naming another host does not take the token there
+    def elsewhere(request: httpx.Request, body: bytes) -> bytes:
+        doc = json.loads(body)
+        for link in doc.get("link", []) if doc.get("resourceType") == "Bundle" else []:
+            link["url"] = link["url"].replace(
+                f"{request.url.host}:{request.url.port}", "evil.invalid"
+            )
+        return json.dumps(doc).encode()
+
+    tamper.rewrite, tamper.hosts = elsewhere, []
+    assert len(await client.search_all("Observation", patient=pid, _count=2)) == 5
+    assert tamper.hosts and set(tamper.hosts) == {"127.0.0.1"}
+    tamper.rewrite = None
     await client.delete("Observation", oid, version=2)
     with pytest.raises(RemoteError) as gone:
         await client.read("Observation", oid)
