@@ -229,6 +229,7 @@ class Client:
     ) -> AsyncIterator[dict[str, Any]]:
         """Every match, following the Bundles' ``next`` links (each page is one logged access)."""
         bundle = await self.search_page(resource_type, params)
+        seen: set[str] = set()
         while True:
             for entry in bundle.get("entry", []):
                 if entry.get("search", {}).get("mode", "match") == "match" and "resource" in entry:
@@ -240,7 +241,11 @@ class Client:
                 return
             # only the link's query is taken, and asked of this client's own base: a
             # server's link cannot send the bearer token to another host
-            bundle = await self._fhir("GET", f"{resource_type}?{urlsplit(str(nxt)).query}")
+            query = urlsplit(str(nxt)).query
+            if query in seen:
+                raise RemoteError(f"the server's next link repeats a page ({query})")
+            seen.add(query)
+            bundle = await self._fhir("GET", f"{resource_type}?{query}")
 
     async def search_all(self, resource_type: str, **params: str | int) -> list[dict[str, Any]]:
         return [r async for r in self.search(resource_type, **params)]

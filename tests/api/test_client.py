@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from typing import Any
@@ -119,6 +120,17 @@ async def test_fhir_round_trip_with_decimals_versions_and_errors(
     tamper.rewrite, tamper.hosts = elsewhere, []
     assert len(await client.search_all("Observation", patient=pid, _count=2)) == 5
     assert tamper.hosts and set(tamper.hosts) == {"127.0.0.1"}
+
+    def loop(request: httpx.Request, body: bytes) -> bytes:  # next always names page two
+        doc = json.loads(body)
+        for link in doc.get("link", []) if doc.get("resourceType") == "Bundle" else []:
+            if link["relation"] == "next":
+                link["url"] = re.sub(r"_offset=\d+", "_offset=2", link["url"])
+        return json.dumps(doc).encode()
+
+    tamper.rewrite = loop
+    with pytest.raises(RemoteError, match="repeats"):
+        await client.search_all("Observation", patient=pid, _count=2)
     tamper.rewrite = None
     await client.delete("Observation", oid, version=2)
     with pytest.raises(RemoteError) as gone:
