@@ -533,8 +533,10 @@ def client_audit(
 
     Every access entry (AuditEvent) is verified here with medledger.client: its signed
     transaction, its inclusion in the log of a checkpoint that a quorum of the trusted
-    node keys signed, and (with --keep) that the log only grew since the last check.
-    Exits 1 naming the first entry that fails.
+    node keys signed, that it is about this patient, and (with --keep) that the log only
+    grew since the last check. Exits 1 naming the first entry that fails. What this
+    cannot show is an entry the node left out of its answer: ask another member's node
+    too (every node holds the whole ledger).
     """
     import ssl
 
@@ -630,6 +632,8 @@ async def _verified_audit(
                     continue  # newer than the co-signed checkpoint: checked next time
                 raise ProofError(f"AuditEvent/{event['id']}: {exc}") from exc
             e = proof.entry
+            if e.get("patient") != patient:  # proved, but about someone else
+                raise ProofError(f"AuditEvent/{event['id']} is an entry about another patient")
             when = datetime.fromtimestamp(proof.transaction.time / 1000, UTC)
             rows.append(
                 {

@@ -320,3 +320,45 @@ async def test_cosigned_lookups_read_only_new_blocks() -> None:
     assert reads == list(range(54, 40, -1))  # down to the remembered one, not 1000 back
     reads.clear()
     assert await _cosigned(node, verifiers, 4, found) is None and reads == []  # > members
+
+
+async def test_client_audit_refuses_an_entry_about_another_patient(
+    api: Api, live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``medledger client audit``: a node that slips another patient's (genuine, proved)
+    entry into the answer is caught."""
+    from medledger.cli import _verified_audit
+
+    mine, theirs = api.new_patient("hospital"), api.new_patient("hospital")
+    for pid in (mine, theirs):
+        assert api.get(f"Patient/{pid}", "system:hospital").status_code == 200
+    client_id, key = register(live, "hospital", "system/*.rs")
+    async with Client(
+        live.fhir, client_id=client_id, key=key, scope="system/*.rs", trust=trust_of(live)
+    ) as c:
+        other = (await c.search_all("AuditEvent", patient=theirs))[0]["id"]
+        honest = await _verified_audit(
+            live.fhir, client_id, key, "system/*.rs", trust_of(live), True, mine, None
+        )
+    assert honest[0] and {r["outcome"] for r in honest[0]} == {"permit"}
+
+    tamper = Tamper()
+
+    def slip_in(request: httpx.Request, body: bytes) -> bytes:
+        if request.url.path.endswith("/AuditEvent") and mine in str(request.url):
+            doc = json.loads(body)
+            doc.setdefault("entry", []).append(
+                {"resource": {"resourceType": "AuditEvent", "id": other}, "search": {}}
+            )
+            return json.dumps(doc).encode()
+        return body
+
+    tamper.rewrite = slip_in
+    real = httpx.AsyncClient
+    monkeypatch.setattr(
+        httpx, "AsyncClient", lambda **kw: real(transport=tamper, timeout=kw.get("timeout", 60))
+    )
+    with pytest.raises(ProofError, match="another patient"):
+        await _verified_audit(
+            live.fhir, client_id, key, "system/*.rs", trust_of(live), True, mine, None
+        )
