@@ -25,17 +25,20 @@ token URL, a fresh ``jti``) with its own key and exchanges it at the token endpo
 it reuses until shortly before it expires and renews once on a 401.
 
 **FHIR**: read, vread, history, search (one page, every page, or an async iterator
-following ``next`` links), create, update with ``If-Match``, delete, ``$everything``
-and Bundles. Decimals keep the digits the server sent (``5.40`` stays ``5.40``, see
-:mod:`medledger.fhir.jsontext`). An error answer raises :class:`RemoteError` with
-the HTTP status and the server's OperationOutcome.
+following ``next`` links, by their query only and always under this client's own
+base, so no server link can take the bearer token elsewhere), create, update with
+``If-Match``, delete, ``$everything`` and Bundles. Decimals keep the digits the
+server sent (``5.40`` stays ``5.40``, see :mod:`medledger.fhir.jsontext`). An error
+answer raises :class:`RemoteError` with the HTTP status and the server's
+OperationOutcome.
 
 **Proofs**, checked here with the same pure verifiers the nodes use
 (:mod:`medledger.merkle.verify`, :func:`~medledger.ledger.checkpoint.verify_checkpoint`):
 
-* :meth:`Client.checkpoint`: the latest signed checkpoint, accepted only when at least
-  ``trust.quorum`` distinct pinned node keys signed it (a failing signature of a pinned
-  key rejects it: :class:`CheckpointError`);
+* :meth:`Client.checkpoint`: the newest checkpoint that at least ``trust.quorum``
+  distinct pinned node keys signed (in a consortium the others' signatures arrive a
+  gossip round after a block), accepted only if those signatures verify here (a
+  failing signature of a pinned key rejects it: :class:`CheckpointError`);
 * :meth:`Client.access_proof`: an AuditEvent's ``access.log`` transaction, its bytes
   hashing to the event's id, its signature, and its inclusion in a trusted checkpoint's
   log (:class:`ProofError`, :class:`BadTransactionSignature` otherwise). What it
