@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from api.conftest import build_network, synthea_patient
+from api.conftest import NDJSON_DIR, build_network, synthea_patient
 from medledger.crypto.signing import SigningKey, VerifyKey
 from medledger.ledger.note import NoteSigner, NoteVerifier
 from medledger.node import signer_name
@@ -295,3 +295,17 @@ def test_serve_refuses_half_a_tls_configuration(node: Path, tmp_path: Path) -> N
     assert r.returncode == 2 and "--tls-key" in r.stderr
     r = run("serve", "--data-dir", tmp_path / "nothing-here", check=False)
     assert r.returncode != 0 and "not a medledger data directory" in r.stderr
+
+
+def test_reindex_rewrites_only_what_changed(node: Path) -> None:
+    patients = NDJSON_DIR / "Patient.000.ndjson"
+    run("import", patients, "--org", "hospital", "--workers", "0", "--data-dir", node)
+    doc = json.loads(run("reindex", "--data-dir", node, "--json").stdout)
+    assert set(doc) == {"hospital", "clinic", "lab"}
+    count = len(patients.read_text().splitlines())
+    assert doc["hospital"] == {"checked": count, "rewritten": 0}  # indexed as now already
+    assert doc["clinic"] == {"checked": 0, "rewritten": 0}
+    text = run("reindex", "--org", "hospital", "--data-dir", node).stdout
+    assert f"hospital: {count} records checked, 0 reindexed" in text
+    bad = run("reindex", "--org", "nowhere", "--data-dir", node, check=False)
+    assert bad.returncode == 2 and "does not serve nowhere" in bad.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import os
 import sys
@@ -767,6 +768,68 @@ async def _import(dd: DataDir, path: Path, org: str, **options: Any) -> ImportRe
     try:
         importer = Importer(runtime.fhir, org, state_dir=dd.path / "imports", **options)
         return await importer.run(path)
+    finally:
+        await runtime.close()
+
+
+@app.command("reindex")
+def reindex(
+    org: Annotated[
+        list[str] | None,
+        typer.Option("--org", help="Custodian organisation (repeatable; default: every one)."),
+    ] = None,
+    data_dir: DataDirOpt = None,
+    json_: JsonOpt = False,
+) -> None:
+    """Recompute the search index of the records the organisations hold (after an upgrade).
+
+    Each current version is decrypted with the custodian's key and indexed as a write
+    indexes it now; rows that differ are rewritten. Nothing goes on the ledger.
+    Run it with the server stopped, like an import.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    dd = _dd(data_dir)
+    orgs = org or dd.org_ids()
+    unknown = [o for o in orgs if o not in dd.org_ids()]
+    if unknown:
+        raise CliError(f"this node does not serve {', '.join(unknown)} ({', '.join(dd.org_ids())})")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        disable=json_ or not err.is_terminal,
+    ) as progress:
+        tasks = {o: progress.add_task(f"reindexing {o}", total=None) for o in orgs}
+        results = asyncio.run(
+            _reindex(
+                dd,
+                orgs,
+                lambda o, done, total: progress.update(tasks[o], completed=done, total=total),
+            )
+        )
+    doc = {o: {"checked": c, "rewritten": r} for o, (c, r) in results.items()}
+    if json_:
+        emit_json(doc)
+        return
+    for o, counts in doc.items():
+        out.print(f"{o}: {counts['checked']} records checked, {counts['rewritten']} reindexed")
+
+
+async def _reindex(
+    dd: DataDir, orgs: list[str], on_progress: Callable[[str, int, int], None]
+) -> dict[str, tuple[int, int]]:
+    from medledger.api.runtime import Runtime
+    from medledger.api.settings import Settings
+
+    runtime = await Runtime.open(Settings(data_dir=dd.path), smart=False)
+    try:
+        results: dict[str, tuple[int, int]] = {}
+        for o in orgs:
+            progress = functools.partial(on_progress, o)
+            results[o] = await runtime.fhir.reindex(o, on_progress=progress)
+        return results
     finally:
         await runtime.close()
 

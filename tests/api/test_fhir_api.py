@@ -7,6 +7,7 @@ so tests do not depend on each other's data.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import logging
@@ -581,6 +582,28 @@ def test_a_patient_is_found_by_an_identifier_of_the_searching_organisation(
     files = [network_dir / "records.db", network_dir / "records.db-wal"]
     raw = b"".join(f.read_bytes() for f in files if f.exists())
     assert len(raw) > 10_000 and mrn.encode() not in raw and ssn.encode() not in raw
+
+    # a Patient indexed before identifiers were (its tokens without them) is found again
+    # once reindexed; nothing else of the record changes, and a second run rewrites nothing
+    runtime = api.server.runtime
+    store = runtime.store
+    (entry,) = api.server.call(store.search(resource_type="Patient", ids=[pid]))[0]
+    identifier_tokens = {
+        runtime.fhir._token("hospital", ("code", system, value))
+        for value in (mrn, ssn)
+        for system in (None, "http://hospital.smarthealthit.org", "http://hl7.org/fhir/sid/us-ssn")
+    } & set(entry.tokens)
+    assert len(identifier_tokens) == 4  # each identifier with its system, and without
+    version = api.server.call(store.get_version(pid, entry.version))
+    old = dataclasses.replace(entry, tokens=tuple(set(entry.tokens) - identifier_tokens))
+    api.server.call(store.put_version(version, [], old))
+    assert found(f"identifier={mrn}") == []
+    checked, rewritten = api.server.call(runtime.fhir.reindex("hospital"))
+    assert checked >= 1 and rewritten >= 1
+    assert found(f"identifier={mrn}") == [pid]
+    again = api.server.call(store.search(resource_type="Patient", ids=[pid]))[0][0]
+    assert set(again.tokens) == set(entry.tokens) and again.last_updated == entry.last_updated
+    assert api.server.call(runtime.fhir.reindex("hospital"))[1] == 0
 
 
 def test_duplicate_check_across_custodians(api: Api) -> None:

@@ -89,7 +89,7 @@ from medledger.errors import (
     TransactionRejected,
     Unauthorized,
 )
-from medledger.fhir.jsontext import dump_json
+from medledger.fhir.jsontext import dump_json, load_json
 from medledger.fhir.outcome import FhirError, from_medledger_error, operation_outcome
 from medledger.fhir.validate import SUPPORTED_TYPES
 from medledger.ledger.tx import Transaction
@@ -377,6 +377,19 @@ class FhirService:
 
     def _index_tokens(self, org: str, terms: Iterable[tuple[str, str | None, str]]) -> list[bytes]:
         return list(dict.fromkeys(self._token(org, t) for t in terms))
+
+    async def reindex(
+        self, org: str, *, on_progress: Callable[[int, int], None] | None = None
+    ) -> tuple[int, int]:
+        """Recompute the search index of every record ``org`` holds, as writes index them
+        now (after an upgrade: e.g. Patient identifiers). Returns ``(checked, rewritten)``;
+        see :meth:`RecordService.reindex`."""
+        from medledger.fhir.index import extract
+
+        def tokens_of(rtype: str, plaintext: bytes) -> list[bytes]:
+            return self._index_tokens(org, extract(load_json(plaintext)).terms())
+
+        return await self.records.reindex(org, tokens_of, on_progress=on_progress)
 
     def _query_tokens(self, terms: Iterable[tuple[str, str | None, str]]) -> list[bytes]:
         """Search tokens for every custodian this node serves (tokens are keyed per org)."""

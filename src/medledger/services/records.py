@@ -83,7 +83,7 @@ import contextlib
 import hashlib
 import hmac
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
@@ -907,6 +907,50 @@ class RecordService:
             else:
                 await self.store.unstage(record, v.version, v.salt)
         return promoted
+
+    async def reindex(
+        self,
+        org: str,
+        tokens_of: Callable[[str, bytes], Sequence[bytes]],
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[int, int]:
+        """Recompute the search tokens of every current version ``org`` holds.
+
+        For an upgrade that indexes more than the version it stored (e.g. Patient
+        identifiers): ``tokens_of(resource_type, plaintext)`` gives a version's tokens,
+        computed as when it is written. Each current version is decrypted with the
+        custodian's own key, like the write path it repeats (nothing is served, so no
+        access is decided or logged); rows whose tokens differ are rewritten with the
+        same version, dates and content, and nothing goes on the ledger. Returns
+        ``(checked, rewritten)``; ``on_progress(done, total)`` after each page.
+        """
+        if org not in self.orgs:
+            raise NotFoundError(f"this node holds no keys of organisation {org}")
+        checked = rewritten = offset = 0
+        while True:
+            page, total = await self.store.search(
+                resource_type=None, custodian=org, offset=offset, limit=200
+            )
+            for entry in page:
+                v = await self.store.get_version(entry.record, entry.version)
+                if v is None or v.deleted:
+                    continue
+                plaintext = await self._plaintext_of(v)
+                if plaintext is None:
+                    raise IntegrityError(
+                        f"record {v.record} v{v.version}: the custodian's key does not open it"
+                    )
+                checked += 1
+                want = tuple(dict.fromkeys(tokens_of(v.resource_type, plaintext)))
+                if set(want) != set(entry.tokens):
+                    await self.store.put_version(v, [], replace(entry, tokens=want))
+                    rewritten += 1
+            offset += len(page)
+            if on_progress is not None:
+                on_progress(offset, total)
+            if not page or offset >= total:
+                return checked, rewritten
 
     async def recover(self) -> tuple[int, int]:
         """Finish or discard every staged version (run at start-up, before serving).
