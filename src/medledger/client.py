@@ -27,7 +27,7 @@ it reuses until shortly before it expires and renews once on a 401.
 **FHIR**: read, vread, history, search (one page, every page, or an async iterator
 following ``next`` links, by their query only and always under this client's own
 base, so no server link can take the bearer token elsewhere), create, update with
-``If-Match``, delete, ``$everything`` and Bundles. Decimals keep the digits the
+``If-Match``, delete, ``$everything``, ``$erase`` and Bundles. Decimals keep the digits the
 server sent (``5.40`` stays ``5.40``, see :mod:`medledger.fhir.jsontext`). An error
 answer raises :class:`RemoteError` with the HTTP status and the server's
 OperationOutcome.
@@ -273,6 +273,11 @@ class Client:
     async def everything(self, patient: str) -> dict[str, Any]:
         """``Patient/[id]/$everything``: a searchset Bundle of what this client may see."""
         return await self._fhir("GET", f"Patient/{patient}/$everything")
+
+    async def erase(self, patient: str) -> dict[str, Any]:
+        """``Patient/[id]/$erase``: crypto-shred every record of the patient (asked by the
+        patient, or by a custodian's system client); returns the OperationOutcome."""
+        return await self._fhir("POST", f"Patient/{patient}/$erase")
 
     async def bundle(self, bundle: Mapping[str, Any]) -> dict[str, Any]:
         """POST a ``transaction`` or ``batch`` Bundle; returns the response Bundle."""

@@ -141,6 +141,19 @@ async def test_fhir_round_trip_with_decimals_versions_and_errors(
     assert missing.value.status == 404 and "no-such-id" in str(missing.value)
 
 
+async def test_erasure_through_the_client(api: Api, live: LiveServer) -> None:
+    pid = api.new_patient("hospital")
+    obs = api.observation(pid, "lab")
+    client_id, key = register(live, "hospital", "system/*.cruds")
+    async with Client(live.fhir, client_id=client_id, key=key, scope="system/*.cruds") as c:
+        outcome = await c.erase(pid)
+        assert outcome["resourceType"] == "OperationOutcome" and "erased" in str(outcome)
+        with pytest.raises(RemoteError) as gone:
+            await c.read("Patient", pid)
+        assert gone.value.status == 410
+    assert api.get(f"Observation/{obs['id']}", "system:lab").status_code == 410
+
+
 async def test_tokens_are_reused_and_renewed_after_a_401(
     api: Api, lab: tuple[Client, Tamper]
 ) -> None:
