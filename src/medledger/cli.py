@@ -31,6 +31,7 @@ from medledger.merkle.verify import verify_consistency, verify_inclusion
 if TYPE_CHECKING:
     import ssl
 
+    from medledger.api.settings import Settings
     from medledger.client import Trust
     from medledger.crypto.client_key import ClientKey
     from medledger.ledger.checkpoint import Checkpoint
@@ -398,6 +399,13 @@ async def client_register(
         str | None, typer.Option("--practitioner", help="Acts as this practitioner.")
     ] = None,
     patient: Annotated[str | None, typer.Option("--patient", help="Acts as this patient.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A consortium node's node.toml (instead of --data-dir); the node may be running.",
+        ),
+    ] = None,
     data_dir: DataDirOpt = None,
     json_: JsonOpt = False,
 ) -> None:
@@ -412,20 +420,34 @@ async def client_register(
         keys = json.loads(jwks.read_text())
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read JWKS file {jwks}: {exc}") from exc
-    dd = _dd(data_dir)
-    if org not in dd.org_ids():
-        raise CliError(f"this node does not serve organisation {org!r} ({', '.join(dd.org_ids())})")
-    async with dd.node(read_only=True) as node:
+
+    def check(get: Callable[[bytes], bytes | None]) -> None:
         if practitioner is not None:
-            raw = await node.state_get(f"principal/{practitioner}".encode())
+            raw = get(f"principal/{practitioner}".encode())
             who = decode(raw) if raw else None
             if not who or who.get("kind") not in ("practitioner", "app") or who.get("org") != org:
                 raise CliError(f"{practitioner} is not a practitioner of {org}")
         if patient is not None:
-            raw = await node.state_get(f"patient/{patient}".encode())
+            raw = get(f"patient/{patient}".encode())
             if raw is None or org not in (decode(raw).get("orgs") or []):
                 raise CliError(f"{patient} is not a patient of {org}")
-    settings = Settings(data_dir=dd.path)
+
+    if config is not None:
+        settings = await asyncio.to_thread(_node_settings, config, org, check)
+    else:
+        dd = _dd(data_dir)
+        if org not in dd.org_ids():
+            raise CliError(
+                f"this node does not serve organisation {org!r} ({', '.join(dd.org_ids())})"
+            )
+        wanted = [f"principal/{practitioner}"] if practitioner is not None else []
+        wanted += [f"patient/{patient}"] if patient is not None else []
+        async with dd.node(read_only=True) as node:
+            state: dict[bytes, bytes | None] = {}
+            for key in wanted:
+                state[key.encode()] = await node.state_get(key.encode())
+            check(state.get)
+        settings = Settings(data_dir=dd.path)
     smart = await SmartAuthority.open(settings.smart_store, token_url=settings.token_url)
     try:
         client = await smart.register_client(
@@ -445,6 +467,31 @@ async def client_register(
         )
     else:
         sys.stdout.write(client.client_id + "\n")
+
+
+def _node_settings(
+    config: Path, org: str, check: Callable[[Callable[[bytes], bytes | None]], None]
+) -> Settings:
+    """A consortium node's API settings from its node.toml, after ``check`` on its ledger state.
+
+    The ledger store is opened for reading only; a running node keeps writing it.
+    """
+    from medledger.api.settings import Settings
+    from medledger.consortium.config import load_config
+    from medledger.store import open_store
+
+    try:
+        cfg = load_config(config)
+    except MedledgerError as exc:
+        raise CliError(f"{config}: {exc}") from exc
+    if org != cfg.org:
+        raise CliError(f"this node serves organisation {cfg.org!r}, not {org!r}")
+    store = open_store(cfg.store)
+    try:
+        check(store.get)
+    finally:
+        store.close()
+    return Settings(data_dir=cfg.data_dir, base_url=cfg.api.url)
 
 
 @client_app.command("keygen")
@@ -596,7 +643,8 @@ def client_audit(
     out.print(table)
     grew = "" if kept is None else f"; the log only grew since the kept one ({kept.size} entries)"
     out.print(
-        f"{len(rows)} entries verified against a checkpoint of {cp.size} entries signed by "
+        f"{len(rows)} {'entry' if len(rows) == 1 else 'entries'} verified against a "
+        f"checkpoint of {cp.size} entries signed by "
         f"at least {pinned.quorum} trusted node keys{grew}"
     )
 

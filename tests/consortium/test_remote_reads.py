@@ -17,6 +17,8 @@ import contextlib
 import copy
 import json
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -288,3 +290,44 @@ def test_a_practitioner_reads_a_record_held_by_another_nodes_organisation(xnet: 
     outcome = r.json()
     assert outcome["resourceType"] == "OperationOutcome"
     assert "does not match its commitment" in outcome["issue"][0]["diagnostics"]
+
+
+def test_a_client_is_registered_with_a_running_nodes_config(xnet: XNet, tmp_path: Path) -> None:
+    """``medledger client register --config node.toml``: onboarding a client of a consortium
+    node (no embedded data directory), while the node runs; it gets a token at once."""
+    medledger = Path(sys.executable).with_name("medledger")
+
+    def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(medledger), *map(str, args)], capture_output=True, text=True, timeout=120
+        )
+
+    assert run("client", "keygen", "--out", tmp_path / "ehr").returncode == 0
+    config = xnet.node("org-2")["config"]
+    common = ["--jwks", tmp_path / "ehr-jwks.json", "--scope", "system/*.rs", "--config", config]
+    done = run("client", "register", "--org", "org-2", *common)
+    assert done.returncode == 0, done.stderr
+    client_id = done.stdout.strip()
+    token_url = str(xnet.node("org-2")["api"]) + "/auth/token"
+    assertion = run(
+        "client", "assertion", "--client-id", client_id, "--key", tmp_path / "ehr-key.pem",
+        "--aud", token_url,
+    ).stdout.strip()  # fmt: skip
+    r = httpx.post(
+        token_url,
+        data={
+            "grant_type": "client_credentials",
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": assertion,
+            "scope": "system/*.rs",
+        },
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    meta = httpx.get(fhir(xnet, "org-2") + "/metadata", timeout=30)
+    assert meta.status_code == 200
+    # the node serves one organisation; a practitioner it does not know is refused
+    other = run("client", "register", "--org", "org-1", *common)
+    assert other.returncode == 2 and "serves organisation 'org-2'" in other.stderr
+    nobody = run("client", "register", "--org", "org-2", "--practitioner", "nobody", *common)
+    assert nobody.returncode == 2 and "not a practitioner of org-2" in nobody.stderr
