@@ -28,6 +28,7 @@ from medledger.ledger.note import (
     key_hash,
     open_note,
     sign_note,
+    signature_lines,
 )
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -461,3 +462,21 @@ def test_verifier_verify_api() -> None:
     assert not v.verify("m\n", sig.signature[:63])
     assert not v.verify("m\n", Signature("other", sig.key_hash, sig.signature))
     assert not _signer(2).verifier().verify("m\n", sig.signature)
+
+
+def test_signature_lines_are_parsed_without_checking_them() -> None:
+    a, b = (
+        NoteSigner("example.com/a", SigningKey.generate()),
+        NoteSigner("example.com/b", SigningKey.generate()),
+    )
+    note = sign_note("some text\n", [a, b])
+    got = signature_lines(note)
+    assert [line for line, _ in got] == note.split("\n\n", 1)[1].splitlines()
+    assert [(sig.name, sig.key_hash) for _, sig in got] == [
+        (a.name, a.verifier().key_hash),
+        (b.name, b.verifier().key_hash),
+    ]
+    forged = note.replace(got[0][0], got[0][0][:-4] + "AAA=")  # a bad signature: still listed
+    assert len(signature_lines(forged)) == 2
+    with pytest.raises(CheckpointError):
+        signature_lines("no signatures\n")

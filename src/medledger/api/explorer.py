@@ -65,7 +65,6 @@ from medledger.contracts.core import ROLES, k_key, k_principal
 from medledger.crypto.signing import VerifyKey
 from medledger.encoding import decode
 from medledger.errors import (
-    CheckpointError,
     Conflict,
     IntegrityError,
     MedledgerError,
@@ -76,7 +75,7 @@ from medledger.errors import (
 )
 from medledger.ledger.block import BlockHeader
 from medledger.ledger.checkpoint import checkpoint_of
-from medledger.ledger.note import NoteVerifier, Signature, note_text
+from medledger.ledger.note import NoteVerifier, note_text, signature_lines
 from medledger.ledger.tx import Transaction
 from medledger.ledger.verify import verify_ledger
 from medledger.node import Node, signer_name
@@ -270,15 +269,7 @@ COSIGNED_DEPTH = 1000
 def _signers(note: str, known: set[tuple[str, bytes]]) -> int:
     """Distinct member key names with a signature line on ``note`` (lines are not verified:
     a node stores co-signatures only after verifying them, and clients verify again)."""
-    names = set()
-    for line in note[len(note_text(note)) + 1 :].splitlines():
-        try:
-            sig = Signature.parse_line(line)
-        except CheckpointError:
-            continue
-        if (sig.name, sig.key_hash) in known:
-            names.add(sig.name)
-    return len(names)
+    return len({sig.name for _, sig in signature_lines(note) if (sig.name, sig.key_hash) in known})
 
 
 async def _cosigned(
@@ -364,11 +355,7 @@ async def get_checkpoint(
     text = note_text(note)
     cp = checkpoint_of(note)
     sigs = []
-    for line in note[len(text) + 1 :].splitlines():
-        try:
-            sig = Signature.parse_line(line)
-        except CheckpointError:
-            continue
+    for _line, sig in signature_lines(note):
         known = by_id.get((sig.name, sig.key_hash))
         org = names.get(sig.name)
         sigs.append(

@@ -39,7 +39,13 @@ from medledger.contracts.base import scan_objs
 from medledger.crypto.signing import VerifyKey
 from medledger.errors import CheckpointError, MedledgerError
 from medledger.ledger.checkpoint import BlockRef, Checkpoint, sign_checkpoint
-from medledger.ledger.note import NoteVerifier, Signature, note_text, open_note
+from medledger.ledger.note import (
+    NoteVerifier,
+    Signature,
+    note_text,
+    open_note,
+    signature_lines,
+)
 from medledger.node import Node, signer_name
 from medledger.state.base import StateReader
 
@@ -112,9 +118,7 @@ def merge_notes(base: str, other: str, verifiers: Sequence[NoteVerifier]) -> str
 
 
 def _signature_lines(note: str) -> list[str]:
-    text = note_text(note)
-    block = note[len(text) + 1 :]
-    return [line for line in block.split("\n") if line]
+    return [line for line, _sig in signature_lines(note)]
 
 
 def _same_key(a: str, b: str) -> bool:

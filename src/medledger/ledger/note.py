@@ -58,6 +58,7 @@ __all__ = [
     "note_text",
     "open_note",
     "sign_note",
+    "signature_lines",
 ]
 
 #: Signature type byte of Ed25519 in signed-note key hashes and verifier keys.
@@ -324,6 +325,12 @@ def note_text(note: str | bytes) -> str:
     use :func:`open_note` to trust it.
     """
     return _split(note)[0]
+
+
+def signature_lines(note: str | bytes) -> list[tuple[str, Signature]]:
+    """The signature lines of a well-formed signed note with their parsed signatures,
+    in note order, *without* checking any (use :func:`open_note` to trust them)."""
+    return _split(note)[1]
 
 
 def _index(verifiers: Iterable[NoteVerifier]) -> dict[tuple[str, bytes], list[NoteVerifier]]:
