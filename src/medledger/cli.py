@@ -491,7 +491,7 @@ def _node_settings(
         check(store.get)
     finally:
         store.close()
-    return Settings(data_dir=cfg.data_dir, base_url=cfg.api.url)
+    return Settings.for_node(cfg)
 
 
 @client_app.command("keygen")
@@ -529,6 +529,13 @@ def client_assertion(
     lifetime: Annotated[int, typer.Option(help="Seconds until it expires.", min=1, max=300)] = 240,
 ) -> None:
     """Print a signed client assertion (JWT, ES384) for POST /auth/token (private_key_jwt)."""
+    private = _client_key(key, kid, jwks)
+    sys.stdout.write(private.assertion(client_id, aud, lifetime=lifetime) + "\n")
+
+
+def _client_key(key: Path, kid: str | None, jwks: Path | None = None) -> ClientKey:
+    """The client's key from ``key`` (PEM); without ``kid``, its id from ``jwks`` (default:
+    the JWKS that ``client keygen`` wrote beside it)."""
     from medledger.crypto.client_key import ClientKey
 
     if kid is None:
@@ -536,13 +543,12 @@ def client_assertion(
         try:
             kid = json.loads(jwks.read_text())["keys"][0]["kid"]
         except (OSError, ValueError, KeyError, IndexError) as exc:
-            raise CliError(f"give --kid or a readable --jwks ({jwks}: {exc})") from exc
+            raise CliError(f"give --kid or a readable JWKS file ({jwks}: {exc})") from exc
     assert kid is not None
     try:
-        private = ClientKey.load(key, kid)
+        return ClientKey.load(key, kid)
     except MedledgerError as exc:
         raise CliError(f"cannot read the private key {key}: {exc}") from exc
-    sys.stdout.write(private.assertion(client_id, aud, lifetime=lifetime) + "\n")
 
 
 @client_app.command("audit")
@@ -591,15 +597,8 @@ def client_audit(
     from rich.table import Table
 
     from medledger.client import Trust
-    from medledger.crypto.client_key import ClientKey
 
-    if kid is None:
-        jwks = Path(str(key).removesuffix("-key.pem") + "-jwks.json")
-        try:
-            kid = json.loads(jwks.read_text())["keys"][0]["kid"]
-        except (OSError, ValueError, KeyError, IndexError) as exc:
-            raise CliError(f"give --kid or keep the key's JWKS beside it ({jwks}: {exc})") from exc
-    assert kid is not None
+    client_key = _client_key(key, kid)
     pinned = Trust.from_verifier_keys(trust, quorum=quorum)
     kept = None
     if keep is not None and keep.exists():
@@ -611,9 +610,7 @@ def client_audit(
     if cacert is not None:
         verify = ssl.create_default_context(cafile=str(cacert))
     rows, cp, note = asyncio.run(
-        _verified_audit(
-            fhir, client_id, ClientKey.load(key, kid), scope, pinned, verify, patient, kept
-        )
+        _verified_audit(fhir, client_id, client_key, scope, pinned, verify, patient, kept)
     )
     if keep is not None:
         keep.write_text(note)

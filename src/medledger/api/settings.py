@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medledger.datadir import default_data_dir
+
+if TYPE_CHECKING:
+    from medledger.consortium.config import NodeConfig
 
 __all__ = ["Settings"]
 
@@ -85,6 +89,17 @@ class Settings:
             tls_cert=tls_cert,
             tls_key=tls_key,
             demo=demo,
+        )
+
+    @classmethod
+    def for_node(cls, cfg: NodeConfig) -> Settings:
+        """The FHIR API settings of a consortium node (its ``node.toml``)."""
+        return cls(
+            data_dir=cfg.data_dir,
+            base_url=cfg.api.url,
+            tls_cert=cfg.api.tls_cert,
+            tls_key=cfg.api.tls_key,
+            records_url=cfg.records,
         )
 
     @classmethod

@@ -211,13 +211,7 @@ class NodeProcess:
             from medledger.store.records import open_record_store
 
             cfg, node, sub = self.cfg, self.node, self.submitter
-            settings = Settings(
-                data_dir=cfg.data_dir,
-                base_url=cfg.api.url,
-                tls_cert=cfg.api.tls_cert,
-                tls_key=cfg.api.tls_key,
-                records_url=cfg.records,
-            )
+            settings = Settings.for_node(cfg)
             assert self.identity is not None
             access = AccessService(node, sub, dict(node.signers))
             orgs = {cfg.org: OrgCrypto.from_identity(cfg.org, self.identity)}
