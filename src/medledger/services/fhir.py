@@ -1415,7 +1415,7 @@ class FhirService:
         events = [audit_event(e, tx_id_hex=str(e["tx"])) for e in reversed(feed)]
         return self._page("AuditEvent", events, params, values)
 
-    async def audit_proof(self, auth: Auth, aid: str, height: int | None = None) -> dict[str, Any]:
+    async def audit_proof(self, auth: Auth, aid: str, height: str | None = None) -> dict[str, Any]:
         """``GET [base]/AuditEvent/[id]/$proof[?height=H]``: the inclusion proof of the
         entry's transaction.
 
@@ -1431,13 +1431,14 @@ class FhirService:
         import base64
 
         auth.require("AuditEvent", "r")
-        if height is not None and height < 0:
-            raise _err(400, "value", "height must not be negative")
+        if height is not None and (not height.isdigit() or len(height) > 18):
+            raise _err(400, "value", f"height={height!r} is not a block height")
         tx_hex = aid.lower()
         entry, raw = await self._audit_entry(tx_hex)
         await self._authorize_meta(auth, entry["patient"], "AuditEvent")
+        at = None if height is None else int(height)
         try:
-            proof = await self.node.inclusion_proof(bytes.fromhex(tx_hex), height)
+            proof = await self.node.inclusion_proof(bytes.fromhex(tx_hex), at)
         except NotFoundError as exc:
             raise _err(404, "not-found", str(exc)) from exc
         except ProofError as exc:
