@@ -328,6 +328,14 @@ def _gone(record: str) -> NotFoundError:
     )
 
 
+def _at_time(v: RecordVersion, index: IndexEntry, at: int) -> tuple[RecordVersion, IndexEntry]:
+    """``v`` and its index row with ``last_updated`` = ``at`` (unchanged when ``at`` is 0:
+    no commit time known)."""
+    if not at or at == v.last_updated:
+        return v, index
+    return replace(v, last_updated=at), replace(index, last_updated=at)
+
+
 def _resource(plaintext: bytes, what: str) -> dict[str, Any]:
     try:
         doc = load_json(plaintext)
@@ -440,9 +448,7 @@ class RecordService:
             at = await self._committed_at(v.record, v.version)
         else:
             at = await self._block_time(height)
-        if not at or at == v.last_updated:
-            return v, index
-        return replace(v, last_updated=at), replace(index, last_updated=at)
+        return _at_time(v, index, at)
 
     @staticmethod
     def patient_key_fields(identity: Identity) -> dict[str, Any]:
@@ -663,9 +669,7 @@ class RecordService:
         for _, b, receipt in committed:
             if receipt.height not in times:
                 times[receipt.height] = await self._block_time(receipt.height)
-            at = times[receipt.height]
-            b.version = replace(b.version, last_updated=at)
-            b.index = replace(b.index, last_updated=at)
+            b.version, b.index = _at_time(b.version, b.index, times[receipt.height])
         try:
             conflicts = await self.store.put_versions(
                 [(b.version, b.keys, b.index) for _, b, _ in committed]
