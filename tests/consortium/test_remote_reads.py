@@ -16,7 +16,10 @@ import asyncio
 import contextlib
 import copy
 import json
+import os
 import secrets
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -41,6 +44,7 @@ from medledger.ledger.note import NoteSigner
 from medledger.ledger.tx import make_tx
 from medledger.node import checkpoint_origin, signer_name
 from medledger.store import open_store
+from medledger.store.records import WrappedKey, open_record_store
 
 from .test_records import flip_ciphertext
 
@@ -54,6 +58,7 @@ FHIR_JSON = "application/fhir+json"
 class XNet:
     layout: dict[str, Any]
     clients: dict[str, SmartClient]  # "system:org-1", "practitioner:phys-b"
+    dir: Path
 
     def node(self, org: str) -> dict[str, Any]:
         return next(n for n in self.layout["nodes"] if n["org"] == org)
@@ -93,7 +98,7 @@ def xnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[XNet]:
     try:
         clients = asyncio.run(_register_clients(layout))
         net.start_network(d, timeout=120)
-        yield XNet(layout, clients)
+        yield XNet(layout, clients, d)
     finally:
         with contextlib.suppress(Exception):
             net.stop_network(d, purge=True)
@@ -331,3 +336,67 @@ def test_a_client_is_registered_with_a_running_nodes_config(xnet: XNet, tmp_path
     assert other.returncode == 2 and "serves organisation 'org-2'" in other.stderr
     nobody = run("client", "register", "--org", "org-2", "--practitioner", "nobody", *common)
     assert nobody.returncode == 2 and "not a practitioner of org-2" in nobody.stderr
+
+
+def _unpromote(db: Path, record: str) -> None:
+    """Put ``record``'s promoted version back into staging, as if the node process had died
+    between the version's commit and its promotion (the rows a write leaves then)."""
+
+    async def run() -> None:
+        store = await open_record_store(f"sqlite:///{db}")
+        try:
+            v = await store.get_version(record)
+            assert v is not None
+            (entry,), _ = await store.search(resource_type=None, ids=[record])
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                keys = [
+                    WrappedKey(record, v.version, recipient, wrapped)
+                    for recipient, wrapped in conn.execute(
+                        "SELECT recipient, wrapped FROM rec_keys WHERE record = ?", (record,)
+                    )
+                ]
+                with conn:
+                    for table in ("rec_versions", "rec_keys", "rec_index", "rec_tokens"):
+                        conn.execute(f"DELETE FROM {table} WHERE record = ?", (record,))
+            assert keys and entry.tokens
+            await store.stage(v, keys, entry, staged_at=int(time.time() * 1000))
+            assert await store.get_version(record) is None
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_restarted_node_promotes_what_its_killed_process_left_staged(xnet: XNet) -> None:
+    """A node process killed after a version committed but before the custodian promoted
+    it: the restarted node settles its record store before serving FHIR, so the version
+    is searchable again (not only readable, which repairs one record on demand)."""
+    x = xnet
+    a = fhir(x, "org-1")
+    sys_a = {"Authorization": f"Bearer {token(x, 'system:org-1')}", "Content-Type": FHIR_JSON}
+    r = httpx.post(f"{a}/Patient", json=copy.deepcopy(synthea_patient()), headers=sys_a)
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    r = httpx.post(f"{a}/Observation", json=lab_observation(pid), headers=sys_a, timeout=30)
+    assert r.status_code == 201, r.text
+    oid = r.json()["id"]
+
+    pids = json.loads((x.dir / net.PIDS).read_text())
+    pid_1 = int(pids["nodes"]["org-1"])
+    os.kill(pid_1, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while net._alive(pid_1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not net._alive(pid_1)
+    db = Path(x.node("org-1")["data_dir"]) / "records.db"
+    _unpromote(db, oid)
+
+    net.start_network(x.dir, timeout=120)
+    sys_a["Authorization"] = f"Bearer {token(x, 'system:org-1')}"
+    r = httpx.get(f"{a}/Observation", params={"patient": pid}, headers=sys_a, timeout=30)
+    assert r.status_code == 200, r.text
+    found = [e["resource"] for e in r.json().get("entry", [])]
+    assert [(o["id"], o["meta"]["versionId"]) for o in found] == [(oid, "1")]
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM rec_staging").fetchone() == (0,)
+    assert "record store: 1 staged versions promoted" in Path(x.node("org-1")["log"]).read_text()

@@ -379,6 +379,8 @@ class NodeProcess:
         self.gossip.start()
         self._tasks.append(asyncio.create_task(self._supervise(), name="medledger-supervisor"))
         if self.fhir_app is not None:
+            await self._prepare_records()
+        if self.fhir_app is not None:
             api = _uvicorn(self.fhir_app, self.cfg.api, "api")
             self._servers.append(api)
             self._tasks.append(asyncio.create_task(api.serve(), name="medledger-fhir-api"))
@@ -388,6 +390,25 @@ class NodeProcess:
             flush=True,
         )
         await waiter
+
+    async def _prepare_records(self) -> None:
+        """Settle the record store before the FHIR API serves, as an embedded runtime does.
+
+        Runs once ordering has applied everything etcd holds, so a version an earlier
+        process staged is judged against the whole ledger: promoted when its commitment
+        is on it (the process died between commit and promotion), dropped when it can
+        never commit. A failure disables the FHIR API, loudly, like a failed set-up.
+        """
+        try:
+            promoted, dropped = await self.runtime.records.recover()
+            if promoted or dropped:
+                log.warning(
+                    "record store: %d staged versions promoted, %d dropped", promoted, dropped
+                )
+        except Exception as exc:
+            self.fhir_error = f"{type(exc).__name__}: {exc}"
+            self.fhir_app = None
+            log.exception("the record store could not be recovered; serving the peer API only")
 
     async def close(self) -> None:
         self.monitor.phase = "stopping"
