@@ -826,11 +826,12 @@ def reindex(
     data_dir: DataDirOpt = None,
     json_: JsonOpt = False,
 ) -> None:
-    """Recompute the search index of the records the organisations hold (after an upgrade).
+    """Recompute the search index of the records the organisations hold.
 
     Each current version is decrypted with the custodian's key and indexed as a write
     indexes it now; rows that differ are rewritten. Nothing goes on the ledger.
-    Run it with the server stopped, like an import.
+    Run it with the server stopped, like an import. A server reindexes by itself when
+    it starts on a store indexed by an older version.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 

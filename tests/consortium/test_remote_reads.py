@@ -40,6 +40,7 @@ from medledger.crypto.keystore import Keystore
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode, encode
 from medledger.errors import ProofError
+from medledger.fhir.index import INDEX_VERSION
 from medledger.ledger.note import NoteSigner
 from medledger.ledger.tx import make_tx
 from medledger.node import checkpoint_origin, signer_name
@@ -399,4 +400,8 @@ def test_a_restarted_node_promotes_what_its_killed_process_left_staged(xnet: XNe
     assert [(o["id"], o["meta"]["versionId"]) for o in found] == [(oid, "1")]
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM rec_staging").fetchone() == (0,)
+        # and the search index carries the index version it was built with
+        assert conn.execute(
+            "SELECT v FROM rec_meta WHERE k = 'search-index-version/org-1'"
+        ).fetchone() == (str(INDEX_VERSION).encode(),)
     assert "record store: 1 staged versions promoted" in Path(x.node("org-1")["log"]).read_text()

@@ -283,6 +283,25 @@ async def test_reopen_keeps_everything(store_url: str) -> None:
         await s.close()
 
 
+async def test_meta_values_are_kept_and_replaced(store_url: str) -> None:
+    s = await open_record_store(store_url)
+    try:
+        assert await s.get_meta("search-index-version/h1") is None
+        await s.set_meta("search-index-version/h1", b"1")
+        await s.set_meta("search-index-version/h1", b"2")
+        await s.set_meta("other", b"\x00\xff")
+        assert await s.get_meta("search-index-version/h1") == b"2"
+    finally:
+        await s.close()
+    s = await open_record_store(store_url)
+    try:
+        assert await s.get_meta("search-index-version/h1") == b"2"
+        assert await s.get_meta("other") == b"\x00\xff"
+        assert await s.get_meta("search-index-version/h2") is None
+    finally:
+        await s.close()
+
+
 async def test_bad_urls() -> None:
     with pytest.raises(StorageError):
         await open_record_store("mysql://localhost/x")

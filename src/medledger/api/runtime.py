@@ -120,6 +120,7 @@ class Runtime:
                 passphrase=dd.passphrase(),
                 base_url=settings.fhir_base,
             )
+            await fhir.upgrade_index()  # after an upgrade that indexes records differently
             if smart:
                 authority = await SmartAuthority.open(
                     settings.smart_store, token_url=settings.token_url, clock=clock

@@ -397,7 +397,9 @@ class NodeProcess:
         Runs once ordering has applied everything etcd holds, so a version an earlier
         process staged is judged against the whole ledger: promoted when its commitment
         is on it (the process died between commit and promotion), dropped when it can
-        never commit. A failure disables the FHIR API, loudly, like a failed set-up.
+        never commit. Then the search index is brought to this version's index format
+        (:meth:`FhirService.upgrade_index`). A failure disables the FHIR API, loudly,
+        like a failed set-up.
         """
         try:
             promoted, dropped = await self.runtime.records.recover()
@@ -405,10 +407,11 @@ class NodeProcess:
                 log.warning(
                     "record store: %d staged versions promoted, %d dropped", promoted, dropped
                 )
+            await self.runtime.fhir.upgrade_index()
         except Exception as exc:
             self.fhir_error = f"{type(exc).__name__}: {exc}"
             self.fhir_app = None
-            log.exception("the record store could not be recovered; serving the peer API only")
+            log.exception("the record store could not be prepared; serving the peer API only")
 
     async def close(self) -> None:
         self.monitor.phase = "stopping"

@@ -42,6 +42,7 @@ from medledger.fhir.validate import KNOWN_TYPES, SUPPORTED_TYPES, codings
 
 __all__ = [
     "DEFAULT_COUNT",
+    "INDEX_VERSION",
     "MAX_COUNT",
     "SEARCH_PARAMS",
     "Extracted",
@@ -52,6 +53,13 @@ __all__ = [
     "reference_id",
     "search_links",
 ]
+
+#: The version of what :func:`extract` indexes a stored resource under. Raise it with
+#: every change that gives an already stored resource other tokens: a node whose
+#: record store was indexed under another version reindexes it when it starts
+#: (:meth:`medledger.services.fhir.FhirService.upgrade_index`). History:
+#: 1, codes, categories, references and dates; 2, also a Patient's identifiers.
+INDEX_VERSION = 2
 
 SYS_OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
 SYS_V2_0074 = "http://terminology.hl7.org/CodeSystem/v2-0074"

@@ -56,6 +56,7 @@ import gc
 import hashlib
 import hmac
 import json
+import logging
 import multiprocessing as mp
 import os
 import secrets
@@ -131,8 +132,16 @@ _SCAN_MAX = 5000  # most index rows read to AND two token filters / rank duplica
 _INTERACTIONS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
 
+log = logging.getLogger(__name__)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _index_version_key(org: str) -> str:
+    """The record-store meta key of the index version ``org``'s records were indexed by."""
+    return f"search-index-version/{org}"
 
 
 def instant(ms: int) -> str:
@@ -384,12 +393,40 @@ class FhirService:
         """Recompute the search index of every record ``org`` holds, as writes index them
         now (after an upgrade: e.g. Patient identifiers). Returns ``(checked, rewritten)``;
         see :meth:`RecordService.reindex`."""
-        from medledger.fhir.index import extract
+        from medledger.fhir.index import INDEX_VERSION, extract
 
         def tokens_of(rtype: str, plaintext: bytes) -> list[bytes]:
             return self._index_tokens(org, extract(load_json(plaintext)).terms())
 
-        return await self.records.reindex(org, tokens_of, on_progress=on_progress)
+        done = await self.records.reindex(org, tokens_of, on_progress=on_progress)
+        await self.store.set_meta(_index_version_key(org), str(INDEX_VERSION).encode())
+        return done
+
+    async def upgrade_index(self) -> dict[str, tuple[int, int]]:
+        """Reindex each organisation whose records were indexed by another version of the
+        index (:data:`medledger.fhir.index.INDEX_VERSION`); run at start-up, before serving.
+
+        A store that has never recorded the version (written before it was kept, or new)
+        is reindexed once: for an empty store that costs one page read. The version is
+        recorded only after its reindex has finished, so an interrupted one runs again.
+        Returns ``{org: (checked, rewritten)}`` for the organisations reindexed.
+        """
+        from medledger.fhir.index import INDEX_VERSION
+
+        done: dict[str, tuple[int, int]] = {}
+        for org in sorted(self.orgs):
+            if await self.store.get_meta(_index_version_key(org)) == str(INDEX_VERSION).encode():
+                continue
+            done[org] = checked, rewritten = await self.reindex(org)
+            if checked:
+                log.warning(
+                    "search index of %s upgraded to version %d: %d records checked, %d reindexed",
+                    org,
+                    INDEX_VERSION,
+                    checked,
+                    rewritten,
+                )
+        return done
 
     def _query_tokens(self, terms: Iterable[tuple[str, str | None, str]]) -> list[bytes]:
         """Search tokens for every custodian this node serves (tokens are keyed per org)."""

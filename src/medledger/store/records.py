@@ -257,6 +257,14 @@ class RecordStore(Protocol):
         """The latest stored version number of each of ``records`` that has one."""
         ...
 
+    async def get_meta(self, key: str) -> bytes | None:
+        """A small value the services keep about the store itself (e.g. index format)."""
+        ...
+
+    async def set_meta(self, key: str, value: bytes) -> None:
+        """Set (or replace) a :meth:`get_meta` value, durably."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -450,6 +458,7 @@ CREATE TABLE IF NOT EXISTS rec_staging (
     record TEXT NOT NULL, version INTEGER NOT NULL, salt BLOB NOT NULL, patient TEXT NOT NULL,
     staged_at INTEGER NOT NULL, item BLOB NOT NULL, UNIQUE (record, version, salt));
 CREATE INDEX IF NOT EXISTS rec_staging_patient ON rec_staging (patient);
+CREATE TABLE IF NOT EXISTS rec_meta (k TEXT PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID;
 """
 #: ``rec_versions`` is a rowid table (its rows hold ciphertexts, a few kB each): as a
 #: WITHOUT ROWID table (files written before) it took about twice the space and half as
@@ -971,6 +980,22 @@ class SqliteRecordStore:
 
         return await self._run("latest_versions", get) if ids else {}
 
+    async def get_meta(self, key: str) -> bytes | None:
+        def get(db: sqlite3.Connection) -> tuple[Any, ...] | None:
+            row: tuple[Any, ...] | None = db.execute(
+                "SELECT v FROM rec_meta WHERE k = ?", (key,)
+            ).fetchone()
+            return row
+
+        row = await self._run("get_meta", get)
+        return None if row is None else bytes(row[0])
+
+    async def set_meta(self, key: str, value: bytes) -> None:
+        def put(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO rec_meta(k, v) VALUES (?, ?)", (key, bytes(value)))
+
+        await self._tx("set_meta", put)
+
     async def shred_patient(self, patient: str) -> int:
         def shred(db: sqlite3.Connection) -> int:
             affected = {
@@ -1170,6 +1195,7 @@ _PG_SCHEMA = [
         patient TEXT NOT NULL, staged_at BIGINT NOT NULL, item BYTEA NOT NULL,
         PRIMARY KEY (record, version, salt))""",
     "CREATE INDEX IF NOT EXISTS rec_staged_patient ON rec_staged (patient)",
+    "CREATE TABLE IF NOT EXISTS rec_meta (k TEXT PRIMARY KEY, v BYTEA NOT NULL)",
 ]
 #: advisory lock id taken while creating the schema (concurrent openers do not race)
 _PG_SCHEMA_LOCK = 0x6D65_6472_6563  # "medrec"
@@ -1418,6 +1444,24 @@ class PostgresRecordStore:
             return rows
 
         return {str(r): int(n) for r, n in await self._run("latest_versions", get, tx=False)}
+
+    async def get_meta(self, key: str) -> bytes | None:
+        async def get(conn: Any) -> Any:
+            cur = await conn.execute("SELECT v FROM rec_meta WHERE k = %s", (key,))
+            return await cur.fetchone()
+
+        row = await self._run("get_meta", get, tx=False)
+        return None if row is None else bytes(row[0])
+
+    async def set_meta(self, key: str, value: bytes) -> None:
+        async def put(conn: Any) -> None:
+            await conn.execute(
+                "INSERT INTO rec_meta(k, v) VALUES (%s, %s) "
+                "ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v",
+                (key, bytes(value)),
+            )
+
+        await self._run("set_meta", put)
 
     async def shred_patient(self, patient: str) -> int:
         async def shred(conn: Any) -> int:
