@@ -6,6 +6,7 @@ so tests do not depend on each other's data.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import hashlib
@@ -818,6 +819,111 @@ def test_batch_entries_stand_alone(api: Api) -> None:
     assert statuses == ["200 OK", "404 Not Found", "201 Created", "200 OK"]
     assert resp["entry"][0]["resource"]["id"] == obs["id"]
     assert resp["entry"][3]["resource"]["total"] == 2
+
+
+def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> None:
+    """``If-None-Exist``: no match creates, one match answers with it and writes nothing,
+    several matches (or bad criteria) are refused and leave everything as it was."""
+    staff = "system:hospital"
+    mrn_system = "http://hospital.smarthealthit.org"
+    tag = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:10]
+
+    def patient_with(mrn: str) -> dict[str, Any]:
+        body = synthea_patient(2)
+        body["identifier"] = [{"system": mrn_system, "value": mrn}]
+        return body
+
+    def found(mrn: str) -> list[str]:
+        r = api.get(f"Patient?identifier={mrn_system}|{mrn}", staff)
+        assert r.status_code == 200, r.text
+        return [p["id"] for p in entries(r.json())]
+
+    mrn = f"MRN-{tag}"
+    only_if = {"If-None-Exist": f"identifier={mrn_system}|{mrn}"}
+    r = api.post("Patient", patient_with(mrn), staff, headers=only_if)
+    assert r.status_code == 201, r.text
+    pid = r.json()["id"]
+    assert found(mrn) == [pid]
+
+    # the same request again: that Patient (200) with its validators; nothing is written
+    # but the match's search, logged like any search
+    logged = len(api.audit(pid))
+    store = _store_snapshot(network_dir)
+    again = api.post("Patient", patient_with(mrn), staff, headers=only_if)
+    assert again.status_code == 200, again.text
+    assert again.json()["id"] == pid and again.json()["meta"]["versionId"] == "1"
+    assert again.headers["etag"] == 'W/"1"' and "last-modified" in again.headers
+    assert again.headers["location"].endswith(f"/Patient/{pid}/_history/1")
+    assert len(api.audit(pid)) == logged + 1
+    assert _store_snapshot(network_dir) == store and found(mrn) == [pid]
+    # a leading "?" is accepted, and a bare value finds it in any system
+    bare = {"If-None-Exist": f"?identifier={mrn}"}
+    assert api.post("Patient", patient_with(mrn), staff, headers=bare).status_code == 200
+
+    # identical conditional creates sent at once: one creates, the others find it
+    mrn2 = f"MRN-{tag}-2"
+    headers = {
+        **api.headers(staff),
+        "Content-Type": FHIR_JSON,
+        "If-None-Exist": f"identifier={mrn_system}|{mrn2}",
+    }
+    body = json.dumps(patient_with(mrn2)).encode()
+
+    async def post_together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=api.server.base_url, timeout=60) as http:
+            return list(
+                await asyncio.gather(
+                    *(http.post("/fhir/Patient", content=body, headers=headers) for _ in range(3))
+                )
+            )
+
+    together = asyncio.run(post_together())
+    assert sorted(r.status_code for r in together) == [200, 200, 201], [r.text for r in together]
+    assert len({r.json()["id"] for r in together}) == 1 and len(found(mrn2)) == 1
+
+    # two Patients with the MRN (one created unconditionally): 412, nothing written
+    assert api.post("Patient", patient_with(mrn), staff).status_code == 201
+    head, store = api.head(), _store_snapshot(network_dir)
+    doc = outcome(api.post("Patient", patient_with(mrn), staff, headers=only_if), 412)
+    assert doc["issue"][0]["code"] == "multiple-matches"
+    assert _store_snapshot(network_dir) == store
+    # refused criteria: 400, nothing written (not even a logged search)
+    head = api.head()
+    for criteria in ("", "identifier=", "_count=1", f"identifier={mrn}&_sort=-_lastUpdated"):
+        r = api.post("Patient", patient_with(mrn), staff, headers={"If-None-Exist": criteria})
+        outcome(r, 400)
+    outcome(api.post("Patient", patient_with(mrn), staff, headers={"If-None-Exist": "x=1"}), 400)
+    assert api.head() == head and _store_snapshot(network_dir) == store
+
+    # another type, by patient and code; in a batch entry too; not in a transaction
+    loinc = {"If-None-Exist": f"patient={pid}&code=http://loinc.org|4548-4"}
+    first = api.post("Observation", lab_observation(pid), staff, headers=loinc)
+    assert first.status_code == 201, first.text
+    second = api.post("Observation", lab_observation(pid), staff, headers=loinc)
+    assert second.status_code == 200 and second.json()["id"] == first.json()["id"]
+    request = {
+        "method": "POST",
+        "url": "Observation",
+        "ifNoneExist": loinc["If-None-Exist"],
+    }
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [{"resource": lab_observation(pid), "request": request}],
+    }
+    r = api.post("", batch, staff)
+    assert r.status_code == 200, r.text
+    (entry,) = r.json()["entry"]
+    assert entry["response"]["status"] == "200 OK"
+    assert entry["response"]["location"].startswith(f"Observation/{first.json()['id']}/")
+    transaction = {**batch, "type": "transaction"}
+    head, store = api.head(), _store_snapshot(network_dir)
+    doc = outcome(api.post("", transaction, staff), 400)
+    assert "ifNoneExist" in doc["issue"][0]["diagnostics"]
+    assert api.head() == head and _store_snapshot(network_dir) == store
+    # a Consent cannot be created conditionally
+    consent = consent_resource(pid, to_org="clinic")
+    outcome(api.post("Consent", consent, staff, headers={"If-None-Exist": "_id=x"}), 400)
 
 
 # -- integrity -----------------------------------------------------------------------------------

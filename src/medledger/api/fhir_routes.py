@@ -10,7 +10,7 @@ Interactions (``[type]`` is one of the served types):
 =========================================  =============================================
 ``GET /fhir/metadata``                     CapabilityStatement (no token needed)
 ``POST /fhir``                             Bundle transaction (all or nothing) or batch
-``GET|POST /fhir/[type]``                  search / create
+``GET|POST /fhir/[type]``                  search / create (``If-None-Exist``: conditional)
 ``GET|PUT|DELETE /fhir/[type]/[id]``       read / update (``If-Match``) / delete
 ``GET /fhir/[type]/[id]/_history[/vid]``   history / vread
 ``GET /fhir/Patient/[id]/$everything``     everything the caller may see, every custodian
@@ -124,7 +124,7 @@ _ERROR_TEXT = {
     405: "Interaction not supported for this type",
     409: "Version conflict or id already used",
     410: "Deleted or erased",
-    412: "If-Match does not name the current version",
+    412: "If-Match does not name the current version, or If-None-Exist matches more than one",
     406: "The Accept header or _format asks for a format other than JSON",
     415: "Body is not application/fhir+json",
     422: "Valid FHIR that breaks a business rule or invariant",
@@ -622,17 +622,38 @@ def _type_routes(router: APIRouter, rtype: str) -> None:
 
         async def create(request: Request, auth: AuthDep, runtime: RuntimeDep) -> Response:
             body = await _read_body(request)
-            return _result_response(await runtime.fhir.create(auth, rtype, body))
+            criteria = request.headers.get("if-none-exist")
+            return _result_response(
+                await runtime.fhir.create(auth, rtype, body, if_none_exist=criteria)
+            )
 
+        create_responses = _responses(201, schema, _WRITE_ERRORS, "Created")
+        if rtype != "Consent":
+            create_responses[200] = {
+                "description": "If-None-Exist found one match: that resource; nothing created",
+                "content": {FHIR_JSON: {"schema": schema}},
+            }
         router.add_api_route(
             f"/{rtype}",
             create,
             methods=["POST"],
-            summary=f"Create {rtype}",
+            summary=f"Create {rtype}"
+            + ("" if rtype == "Consent" else " (If-None-Exist: only if the criteria match none)"),
             operation_id=f"create_{low}",
             tags=tags,
-            responses=_responses(201, schema, _WRITE_ERRORS, "Created"),
-            openapi_extra=_body(rtype),
+            responses=create_responses,
+            openapi_extra={
+                **_body(rtype),
+                "parameters": []
+                if rtype == "Consent"
+                else [
+                    _header(
+                        "If-None-Exist",
+                        "Search criteria (a query string, e.g. identifier=system|value): "
+                        "create only if they match nothing",
+                    )
+                ],
+            },
             response_class=FhirResponse,
         )
 

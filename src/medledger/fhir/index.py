@@ -44,6 +44,7 @@ __all__ = [
     "DEFAULT_COUNT",
     "INDEX_VERSION",
     "MAX_COUNT",
+    "RESULT_PARAMS",
     "SEARCH_PARAMS",
     "Extracted",
     "SearchQuery",
@@ -442,7 +443,8 @@ def _build_params() -> dict[str, dict[str, tuple[str, str, str]]]:
 #: are accepted everywhere as result parameters.
 SEARCH_PARAMS: dict[str, dict[str, tuple[str, str, str]]] = _build_params()
 
-_RESULT_PARAMS = frozenset({"_count", "_offset", "_sort", "_total", "_format", "_pretty"})
+#: The result parameters (they shape the answer, they do not filter).
+RESULT_PARAMS = frozenset({"_count", "_offset", "_sort", "_total", "_format", "_pretty"})
 _DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 
 
@@ -645,7 +647,7 @@ def parse_search(
         if value == "":
             continue
         name, _, modifier = raw_name.partition(":")
-        if name in _RESULT_PARAMS:
+        if name in RESULT_PARAMS:
             if modifier:
                 reject(raw_name, "modifiers are not supported on result parameters")
                 continue

@@ -139,6 +139,23 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _criteria(text: str) -> list[tuple[str, str]]:
+    """The search criteria of an ``If-None-Exist`` header (a query string, ``?`` optional)."""
+    from urllib.parse import parse_qsl
+
+    from medledger.fhir.index import RESULT_PARAMS
+
+    pairs = parse_qsl(text.strip().removeprefix("?"), keep_blank_values=True)
+    if not any(value for _, value in pairs):
+        raise _err(400, "invalid", "If-None-Exist needs search criteria, e.g. identifier=s|v")
+    named = sorted({name for name, _ in pairs if name.partition(":")[0] in RESULT_PARAMS})
+    if named:
+        raise _err(
+            400, "invalid", f"If-None-Exist takes search criteria only, not {', '.join(named)}"
+        )
+    return pairs
+
+
 def _index_version_key(org: str) -> str:
     """The record-store meta key of the index version ``org``'s records were indexed by."""
     return f"search-index-version/{org}"
@@ -280,6 +297,7 @@ class FhirService:
         self.base_url = base_url.rstrip("/")
         self._identities: dict[str, Identity] = {}
         self._patient_locks: dict[str, asyncio.Lock] = {}
+        self._conditional_locks: dict[str, asyncio.Lock] = {}
 
     # ------------------------------------------------------------------ helpers
     def url(self, rtype: str, rid: str, version: int | None = None) -> str:
@@ -703,8 +721,21 @@ class FhirService:
         )
 
     # ------------------------------------------------------------------ create / update / delete
-    async def create(self, auth: Auth, rtype: str, body: bytes | dict[str, Any]) -> Result:
-        """``POST [base]/[type]``."""
+    async def create(
+        self,
+        auth: Auth,
+        rtype: str,
+        body: bytes | dict[str, Any],
+        *,
+        if_none_exist: str | None = None,
+    ) -> Result:
+        """``POST [base]/[type]``; with ``If-None-Exist`` a conditional create.
+
+        The criteria (a query string) are searched as the caller would search them,
+        a logged access like any search: no match creates (201); one match is answered
+        with that resource (200) and nothing is written; more than one, or results the
+        access decision withheld (a match cannot be ruled out), is 412.
+        """
         from medledger.fhir.validate import parse_resource
 
         self._check_type(rtype)
@@ -715,8 +746,61 @@ class FhirService:
         auth.require(rtype, "c")
         resource = parse_resource(body, rtype)
         if rtype == "Consent":
+            if if_none_exist is not None:
+                raise _err(400, "not-supported", "a Consent cannot be created conditionally")
             return await self.consent_create(auth, resource)
-        return await self._create(auth, rtype, new_id(rtype), resource)
+        if if_none_exist is None:
+            return await self._create(auth, rtype, new_id(rtype), resource)
+        return await self._create_if_none(auth, rtype, new_id(rtype), resource, if_none_exist)
+
+    async def _create_if_none(
+        self, auth: Auth, rtype: str, rid: str, resource: dict[str, Any], if_none_exist: str
+    ) -> Result:
+        criteria = _criteria(if_none_exist)
+        # one conditional create of a type at a time: two identical ones sent together
+        # must not both find nothing (a custodian's records are written by its node only)
+        lock = self._conditional_locks.setdefault(rtype, asyncio.Lock())
+        async with lock:
+            found = await self._match(auth, rtype, criteria)
+            if found is not None:
+                return found
+            return await self._create(auth, rtype, rid, resource)
+
+    async def _match(
+        self, auth: Auth, rtype: str, criteria: list[tuple[str, str]]
+    ) -> Result | None:
+        """The one resource ``criteria`` find for the caller, None for none, 412 otherwise."""
+        try:
+            doc = await self.search(auth, rtype, [*criteria, ("_count", "2")])
+        except FhirError as exc:
+            if exc.code != "multiple-matches":
+                raise
+            raise _err(412, "multiple-matches", f"If-None-Exist: {exc.diagnostics}") from None
+        entries = doc.get("entry") or []
+        found = [e["resource"] for e in entries if e["search"]["mode"] == "match"]
+        if any(e["search"]["mode"] == "outcome" for e in entries):
+            raise _err(
+                412,
+                "multiple-matches",
+                "If-None-Exist: results the access decision withheld may match; not created",
+            )
+        if len(found) > 1 or int(doc.get("total") or 0) > 1:
+            raise _err(
+                412, "multiple-matches", "If-None-Exist: the criteria match more than one resource"
+            )
+        if not found:
+            return None
+        res = found[0]
+        meta = res.get("meta") or {}
+        version = int(meta["versionId"])
+        when = datetime.fromisoformat(str(meta["lastUpdated"]).replace("Z", "+00:00"))
+        return Result(
+            res,
+            status=200,
+            version=version,
+            last_updated=int(when.timestamp() * 1000),
+            location=self.url(rtype, str(res["id"]), version),
+        )
 
     async def _create(self, auth: Auth, rtype: str, rid: str, resource: dict[str, Any]) -> Result:
         org, author = await self._writer(auth, rtype)
@@ -1618,7 +1702,12 @@ class FhirService:
         if rtype not in RECORD_TYPES:
             raise _err(400, "not-supported", f"{rtype} cannot be written in a transaction")
         if e.if_none_exist or e.if_none_match:
-            raise _err(400, "not-supported", "conditional creates are not supported")
+            raise _err(
+                400,
+                "not-supported",
+                "conditional requests are not supported in a transaction "
+                "(ifNoneExist works on a single POST and in a batch)",
+            )
         interaction = {"POST": "c", "PUT": "u", "DELETE": "d"}[e.method]
         auth.require(rtype, interaction)
         if rtype not in writers:
@@ -1686,8 +1775,14 @@ class FhirService:
 
         if e.method == "POST":
             if rtype in ("Consent", "AuditEvent"):
-                return done(await self.create(auth, rtype, e.resource))
+                return done(
+                    await self.create(auth, rtype, e.resource, if_none_exist=e.if_none_exist)
+                )
             auth.require(rtype, "c")
+            if e.if_none_exist is not None:
+                return done(
+                    await self._create_if_none(auth, rtype, e.id, e.resource, e.if_none_exist)
+                )
             return done(await self._create(auth, rtype, e.id, e.resource))
         if e.method == "PUT":
             return done(await self.update(auth, rtype, e.id, e.resource, if_match=e.if_match))
