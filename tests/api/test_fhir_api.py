@@ -921,6 +921,24 @@ def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> N
     doc = outcome(api.post("", transaction, staff), 400)
     assert "ifNoneExist" in doc["issue"][0]["diagnostics"]
     assert api.head() == head and _store_snapshot(network_dir) == store
+    # results the access decision withholds may match: 412, not a duplicate. The consent
+    # lets the clinic see Observations dated before 2020 only: the 2019 one matches, and so
+    # may the 2021 one it does not see
+    other = api.new_patient()
+    for when in ("2019-05-01T08:00:00Z", "2021-05-01T08:00:00Z"):
+        api.observation(other, "hospital", when=when)
+    limited = consent_resource(other, to_org="clinic", types=["Observation"])
+    limited["provision"]["dataPeriod"] = {"end": "2020-01-01T00:00:00Z"}
+    r = api.post("Consent", limited, f"patient:{other}", "patient/*.cruds")
+    assert r.status_code == 201, r.text
+    visible = api.get(f"Observation?patient={other}", "practitioner:dr-clinic")
+    assert len(entries(visible.json())) == 1 and entries(visible.json(), "outcome")
+    store = _store_snapshot(network_dir)
+    criteria = {"If-None-Exist": f"patient={other}&code=4548-4"}
+    r = api.post("Observation", lab_observation(other), "practitioner:dr-clinic", headers=criteria)
+    assert outcome(r, 412)["issue"][0]["code"] == "multiple-matches"
+    assert "withheld" in r.json()["issue"][0]["diagnostics"]
+    assert _store_snapshot(network_dir) == store
     # a Consent cannot be created conditionally
     consent = consent_resource(pid, to_org="clinic")
     outcome(api.post("Consent", consent, staff, headers={"If-None-Exist": "_id=x"}), 400)
