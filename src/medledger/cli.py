@@ -150,13 +150,65 @@ async def init(
 
 @app.command()
 @run_async
-async def verify(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
+async def verify(
+    data_dir: DataDirOpt = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A consortium node's node.toml (instead of --data-dir): its ledger "
+            "and record store.",
+        ),
+    ] = None,
+    records: Annotated[
+        bool,
+        typer.Option(
+            "--records",
+            help="Also check every record held at rest: each version against its ledger "
+            "commitment, opened with the custodian's key, and the search index; shredded "
+            "records must be gone. Reads only.",
+        ),
+    ] = False,
+    json_: JsonOpt = False,
+) -> None:
     """Recompute and check every hash, link, root and signature from genesis."""
-    dd = _dd(data_dir)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from medledger.api.settings import Settings
+
+    if config is not None and data_dir is not None:
+        raise CliError("give --data-dir or --config, not both")
+    if config is not None:
+        from medledger.consortium.config import load_config
+
+        try:
+            cfg = load_config(config)
+        except MedledgerError as exc:
+            raise CliError(f"{config}: {exc}") from exc
+        dd = DataDir(cfg.data_dir)
+        records_url, keys = cfg.records, {cfg.org: cfg.node_key_name}
+    else:
+        dd = _dd(data_dir)
+        records_url = Settings(data_dir=dd.path).records_store
+        keys = {org: f"node-{org}" for org in dd.org_ids()}
+    checks: list[Any] = []
     async with dd.node(read_only=True) as node:
         report = await node._run(lambda: verify_ledger(node.store))
+        if records and report.ok:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                console=err,
+                disable=json_ or not err.is_terminal,
+            ) as progress:
+                checks = await _check_records(dd, node, records_url, keys, progress)
+    ok = report.ok and all(c.ok for c in checks)
     if json_:
-        emit_json(report.to_json())
+        doc = report.to_json()
+        if records:
+            doc["records"] = [c.to_json() for c in checks]
+        emit_json(doc)
     elif report.ok:
         out.print(
             f"OK: {report.blocks} blocks, {report.transactions} transactions, "
@@ -164,8 +216,61 @@ async def verify(data_dir: DataDirOpt = None, json_: JsonOpt = False) -> None:
         )
     else:
         err.print(f"verify FAILED: {report.failure}", markup=False)
-    if not report.ok:
+    if not json_:
+        for c in checks:
+            counts = (
+                f"records of {c.org}: {c.records} records, {c.versions} versions, "
+                f"{c.index} index rows, {c.shredded} shredded"
+            )
+            if c.ok:
+                out.print(f"OK: {counts} checked", markup=False)
+                continue
+            err.print(f"records FAILED: {counts}; {len(c.problems)} problems:", markup=False)
+            for line in c.problems[:50]:
+                err.print(f"  {line}", markup=False)
+            if len(c.problems) > 50:
+                err.print(f"  ... and {len(c.problems) - 50} more (--json lists all)")
+    if not ok:
         raise typer.Exit(1)
+
+
+async def _check_records(
+    dd: DataDir, node: Any, records_url: str, keys: dict[str, str], progress: Any
+) -> list[Any]:
+    """``check_store`` of every organisation whose node key this directory holds."""
+    from medledger.services.access import AccessService
+    from medledger.services.fhir import FhirService
+    from medledger.services.records import OrgCrypto, RecordService
+    from medledger.services.submitter import Submitter
+    from medledger.store.records import open_record_store
+
+    orgs = {org: OrgCrypto.from_identity(org, dd.identity(name)) for org, name in keys.items()}
+    store = await open_record_store(records_url)
+    try:
+        submitter = Submitter(node)  # nothing is submitted: the node is open read-only
+        access = AccessService(node, submitter, {})
+        fhir = FhirService(
+            node=node,
+            submitter=submitter,
+            access=access,
+            records=RecordService(node, submitter, access, store, orgs),
+            store=store,
+            orgs=orgs,
+            keystore=dd.keystore,
+            passphrase=dd.passphrase(),
+            base_url="http://localhost/fhir",
+        )
+        checks = []
+        for org in sorted(orgs):
+            task = progress.add_task(f"checking the records of {org}", total=None)
+
+            def on_progress(done: int, total: int, task: Any = task) -> None:
+                progress.update(task, completed=done, total=total)
+
+            checks.append(await fhir.check_store(org, on_progress=on_progress))
+        return checks
+    finally:
+        await store.close()
 
 
 # -- checkpoint ------------------------------------------------------------------------

@@ -405,3 +405,18 @@ def test_a_restarted_node_promotes_what_its_killed_process_left_staged(xnet: XNe
             "SELECT v FROM rec_meta WHERE k = 'search-index-version/org-1'"
         ).fetchone() == (str(INDEX_VERSION).encode(),)
     assert "record store: 1 staged versions promoted" in Path(x.node("org-1")["log"]).read_text()
+    # and the node's records at rest check out against its ledger, while it runs
+    medledger = Path(sys.executable).with_name("medledger")
+    done = subprocess.run(
+        [str(medledger), "verify", "--records", "--json", "--config", x.node("org-1")["config"]],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    (check,) = json.loads(done.stdout)["records"]
+    assert check["org"] == "org-1" and check["versions"] >= 2
+    # (another test of this module alters a ciphertext of org-1 on purpose: only that one
+    # may be reported)
+    assert all(p.endswith("(altered)") for p in check["problems"]), check["problems"]
+    assert not any(oid in p or pid in p for p in check["problems"])
+    assert done.returncode == (1 if check["problems"] else 0), done.stderr

@@ -102,6 +102,7 @@ from medledger.services.records import (
     OrgCrypto,
     RecordService,
     RecordWrite,
+    StoreCheck,
     StoredRecord,
     index_token,
     is_gone,
@@ -411,14 +412,27 @@ class FhirService:
         """Recompute the search index of every record ``org`` holds, as writes index them
         now (after an upgrade: e.g. Patient identifiers). Returns ``(checked, rewritten)``;
         see :meth:`RecordService.reindex`."""
-        from medledger.fhir.index import INDEX_VERSION, extract
+        from medledger.fhir.index import INDEX_VERSION
+
+        done = await self.records.reindex(org, self._tokens_of(org), on_progress=on_progress)
+        await self.store.set_meta(_index_version_key(org), str(INDEX_VERSION).encode())
+        return done
+
+    def _tokens_of(self, org: str) -> Callable[[str, bytes], list[bytes]]:
+        """``tokens_of(resource_type, plaintext)``: the index tokens a write of ``org`` stores."""
+        from medledger.fhir.index import extract
 
         def tokens_of(rtype: str, plaintext: bytes) -> list[bytes]:
             return self._index_tokens(org, extract(load_json(plaintext)).terms())
 
-        done = await self.records.reindex(org, tokens_of, on_progress=on_progress)
-        await self.store.set_meta(_index_version_key(org), str(INDEX_VERSION).encode())
-        return done
+        return tokens_of
+
+    async def check_store(
+        self, org: str, *, on_progress: Callable[[int, int], None] | None = None
+    ) -> StoreCheck:
+        """The records ``org`` holds at rest, checked against the ledger and the search
+        index (read only; see :meth:`RecordService.check_store`)."""
+        return await self.records.check_store(org, self._tokens_of(org), on_progress=on_progress)
 
     async def upgrade_index(self) -> dict[str, tuple[int, int]]:
         """Reindex each organisation whose records were indexed by another version of the

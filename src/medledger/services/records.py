@@ -131,6 +131,7 @@ __all__ = [
     "RecordService",
     "RecordWrite",
     "RemoteRecords",
+    "StoreCheck",
     "StoredRecord",
     "derive_index_key",
     "index_token",
@@ -389,6 +390,33 @@ def _read_result(
         last_updated,
         None if plaintext is None else _resource(plaintext, f"record {record}"),
     )
+
+
+@dataclass(slots=True)
+class StoreCheck:
+    """What :meth:`RecordService.check_store` found for one custodian organisation."""
+
+    org: str
+    records: int = 0  # records the ledger says the organisation holds
+    versions: int = 0  # versions checked against their commitment
+    shredded: int = 0  # shredded records whose ciphertexts and keys are confirmed gone
+    index: int = 0  # search index rows checked against their record
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "org": self.org,
+            "ok": self.ok,
+            "records": self.records,
+            "versions": self.versions,
+            "shredded": self.shredded,
+            "index": self.index,
+            "problems": list(self.problems),
+        }
 
 
 class RecordService:
@@ -955,6 +983,115 @@ class RecordService:
                 on_progress(offset, total)
             if not page or offset >= total:
                 return checked, rewritten
+
+    async def check_store(
+        self,
+        org: str,
+        tokens_of: Callable[[str, bytes], Sequence[bytes]],
+        *,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> StoreCheck:
+        """Check the records ``org`` holds at rest against the ledger; change nothing.
+
+        For every record the ledger says ``org`` holds: every version is in the store,
+        its salt and ciphertext hash to the version's commitment, the custodian's own
+        key opens it (AES-GCM, bound to the record, version and patient) and it names
+        the ledger's patient and type; the search index row matches what the current
+        version is indexed under now (``tokens_of``, as a write computes them). A
+        shredded record must have no ciphertext and no key left. Versions and index
+        rows the ledger does not know are reported too. ``on_progress(done, total)``
+        after each record.
+        """
+        if org not in self.orgs:
+            raise NotFoundError(f"this node holds no keys of organisation {org}")
+        check = StoreCheck(org)
+
+        def held(st: StateReader) -> list[dict[str, Any]]:
+            return [
+                dict(rec)
+                for _, rec in scan_objs(st, b"record/")
+                if isinstance(rec, dict) and rec.get("custodian") == org
+            ]
+
+        ledger = sorted(await self.node.read(held), key=lambda r: str(r["id"]))
+        known = {str(r["id"]): r for r in ledger}
+        index: dict[str, IndexEntry] = {}
+        offset = 0
+        while True:
+            page, total = await self.store.search(
+                resource_type=None, custodian=org, include_deleted=True, offset=offset, limit=500
+            )
+            index.update((e.record, e) for e in page)
+            offset += len(page)
+            if not page or offset >= total:
+                break
+        problems = check.problems
+        for n, rec in enumerate(ledger, 1):
+            rid, latest = str(rec["id"]), int(rec["version"])
+            check.records += 1
+            stored = {v.version: v for v in await self.store.versions(rid)}
+            if rec.get("status") == "shredded":
+                check.shredded += 1
+                for v in stored.values():
+                    if v.ciphertext or await self.store.get_wrapped(rid, v.version, f"org:{org}"):
+                        problems.append(f"{rid} v{v.version}: shredded, but its data remains")
+                if rid in index:
+                    problems.append(f"{rid}: shredded, but still in the search index")
+            else:
+                for version in range(1, latest + 1):
+                    problems.extend(
+                        await self._check_version(rid, version, rec, stored.get(version))
+                    )
+                    check.versions += 1
+                entry = index.get(rid)
+                current = stored.get(latest)
+                if entry is None:
+                    problems.append(f"{rid}: not in the search index")
+                elif current is not None and entry.version != latest:
+                    problems.append(
+                        f"{rid}: the search index shows v{entry.version}, the ledger v{latest}"
+                    )
+                elif current is not None and not current.deleted:
+                    check.index += 1
+                    plaintext = await self._plaintext_of(current)
+                    if plaintext is not None:
+                        want = set(tokens_of(current.resource_type, plaintext))
+                        if want != set(entry.tokens):
+                            problems.append(
+                                f"{rid}: the search index row differs from the record "
+                                "(medledger reindex rewrites it)"
+                            )
+            for extra in sorted(v for v in stored if v > latest):
+                problems.append(f"{rid} v{extra}: stored, but not on the ledger")
+            if on_progress is not None:
+                on_progress(n, len(ledger))
+        for rid in sorted(set(index) - set(known)):
+            problems.append(f"{rid}: in the search index, but the ledger has no such record")
+        return check
+
+    async def _check_version(
+        self, rid: str, version: int, rec: Mapping[str, Any], v: RecordVersion | None
+    ) -> list[str]:
+        """What is wrong with stored version ``v`` of ledger record ``rec`` (nothing: [])."""
+        where = f"{rid} v{version}"
+        if v is None:
+            staged = [s for s in await self.store.staged(rid) if s.version.version == version]
+            if staged:
+                return [f"{where}: committed but only staged (a server start promotes it)"]
+            return [f"{where}: committed on the ledger, missing from the store"]
+        commitment = await self._commitment(rid, version)
+        if commitment is None or sha256(v.salt, v.ciphertext) != commitment:
+            return [f"{where}: does not match its commitment on the ledger (altered)"]
+        out = []
+        if (v.patient, v.resource_type, v.custodian) != (
+            rec["patient"],
+            rec["resource_type"],
+            rec["custodian"],
+        ):
+            out.append(f"{where}: stored with another patient, type or custodian")
+        if not v.deleted and await self._plaintext_of(v) is None:
+            out.append(f"{where}: the custodian's key does not open it")
+        return out
 
     async def recover(self) -> tuple[int, int]:
         """Finish or discard every staged version (run at start-up, before serving).
