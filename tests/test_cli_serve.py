@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import hashlib
 import ipaddress
 import json
 import os
@@ -31,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from api.conftest import NDJSON_DIR, build_network, synthea_patient
+from api.conftest import NDJSON_DIR, build_network, records_digest, synthea_patient
 from medledger.crypto.signing import SigningKey, VerifyKey
 from medledger.ledger.note import NoteSigner, NoteVerifier
 from medledger.node import signer_name
@@ -315,16 +314,6 @@ def test_reindex_rewrites_only_what_changed(node: Path) -> None:
     assert bad.returncode == 2 and "does not serve nowhere" in bad.stderr
 
 
-def _records_digest(node: Path) -> str:
-    with contextlib.closing(sqlite3.connect(f"file:{node / 'records.db'}?mode=ro", uri=True)) as db:
-        digest = hashlib.sha256()
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in sorted(tables):
-            for row in sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr):
-                digest.update(repr(row).encode())
-        return digest.hexdigest()
-
-
 def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) -> None:
     src = tmp_path / "export"
     src.mkdir()
@@ -357,7 +346,7 @@ def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) 
     kept = [r for r, p in held if p != erased]
     assert gone and len(kept) >= 3
 
-    before = _records_digest(node)
+    before = records_digest(node)
     doc = json.loads(run("verify", "--records", "--json", "--data-dir", node).stdout)
     assert doc["ok"] is True
     by_org = {c["org"]: c for c in doc["records"]}
@@ -369,7 +358,7 @@ def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) 
     assert by_org["clinic"]["records"] == 0 and by_org["clinic"]["ok"]
     text = run("verify", "--records", "--data-dir", node).stdout
     assert f"OK: records of hospital: {len(held)} records, {len(kept)} versions" in text
-    assert _records_digest(node) == before  # verify reads only
+    assert records_digest(node) == before  # verify reads only
     both = run("verify", "--config", tmp_path / "node.toml", "--data-dir", node, check=False)
     assert both.returncode == 2 and "not both" in both.stderr
 

@@ -85,6 +85,19 @@ def run_async(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     return wrapper
 
 
+def _progress(json_: bool) -> Any:
+    """A progress display of named tasks on stderr (off for --json or when not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=err,
+        disable=json_ or not err.is_terminal,
+    )
+
+
 def emit_json(doc: Any) -> None:
     sys.stdout.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
@@ -172,8 +185,6 @@ async def verify(
     json_: JsonOpt = False,
 ) -> None:
     """Recompute and check every hash, link, root and signature from genesis."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     from medledger.api.settings import Settings
 
     if config is not None and data_dir is not None:
@@ -195,13 +206,7 @@ async def verify(
     async with dd.node(read_only=True) as node:
         report = await node._run(lambda: verify_ledger(node.store))
         if records and report.ok:
-            with Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                console=err,
-                disable=json_ or not err.is_terminal,
-            ) as progress:
+            with _progress(json_) as progress:
                 checks = await _check_records(dd, node, records_url, keys, progress)
     ok = report.ok and all(c.ok for c in checks)
     if json_:
@@ -938,20 +943,12 @@ def reindex(
     Run it with the server stopped, like an import. A server reindexes by itself when
     it starts on a store indexed by an older version.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
     dd = _dd(data_dir)
     orgs = org or dd.org_ids()
     unknown = [o for o in orgs if o not in dd.org_ids()]
     if unknown:
         raise CliError(f"this node does not serve {', '.join(unknown)} ({', '.join(dd.org_ids())})")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=err,
-        disable=json_ or not err.is_terminal,
-    ) as progress:
+    with _progress(json_) as progress:
         tasks = {o: progress.add_task(f"reindexing {o}", total=None) for o in orgs}
         results = asyncio.run(
             _reindex(

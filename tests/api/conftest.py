@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
 import json
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -53,6 +55,20 @@ PRACTITIONERS: dict[str, tuple[str, list[str]]] = {
 }
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = "application/fhir+json"
+
+
+def records_digest(data_dir: Path) -> str:
+    """A digest of every row of the data directory's record store (SQLite), read only."""
+    db = sqlite3.connect(f"file:{data_dir / 'records.db'}?mode=ro", uri=True)
+    try:
+        digest = hashlib.sha256()
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in sorted(tables):
+            for row in sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr):
+                digest.update(repr(row).encode())
+        return digest.hexdigest()
+    finally:
+        db.close()
 
 
 def free_port() -> int:

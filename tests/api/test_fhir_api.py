@@ -34,6 +34,7 @@ from .conftest import (
     consent_resource,
     lab_observation,
     new_key,
+    records_digest,
     synthea_patient,
 )
 
@@ -721,19 +722,6 @@ def test_audit_events_with_verifiable_proofs(api: Api) -> None:
 # -- Bundles ---------------------------------------------------------------------------------------
 
 
-def _store_snapshot(network_dir: Path) -> str:
-    db = sqlite3.connect(f"file:{network_dir / 'records.db'}?mode=ro", uri=True)
-    try:
-        digest = hashlib.sha256()
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in sorted(tables):
-            for row in sorted(db.execute(f"SELECT * FROM {table}").fetchall(), key=repr):
-                digest.update(repr(row).encode())
-        return digest.hexdigest()
-    finally:
-        db.close()
-
-
 def _transaction(patient_body: dict[str, Any], *, bad: bool = False) -> dict[str, Any]:
     entries_: list[dict[str, Any]] = [
         {
@@ -768,11 +756,11 @@ def _transaction(patient_body: dict[str, Any], *, bad: bool = False) -> dict[str
 
 def test_transaction_is_all_or_nothing(api: Api, network_dir: Path) -> None:
     who = "system:hospital"
-    head, store = api.head(), _store_snapshot(network_dir)
+    head, store = api.head(), records_digest(network_dir)
     r = api.post("", _transaction(synthea_patient(1), bad=True), who)
     outcome(r, 422)
     assert "Bundle.entry[4]" in json.dumps(r.json())
-    assert api.head() == head and _store_snapshot(network_dir) == store
+    assert api.head() == head and records_digest(network_dir) == store
 
     # a failure found only against the ledger (an update of a missing record) is also pre-flight
     tx = _transaction(synthea_patient(1))
@@ -783,7 +771,7 @@ def test_transaction_is_all_or_nothing(api: Api, network_dir: Path) -> None:
         {"resource": gone, "request": {"method": "PUT", "url": "Observation/no-such-record"}}
     )
     outcome(api.post("", tx, who), 404)
-    assert api.head() == head and _store_snapshot(network_dir) == store
+    assert api.head() == head and records_digest(network_dir) == store
 
     r = api.post("", _transaction(synthea_patient(1)), who)
     assert r.status_code == 200, r.text
@@ -848,14 +836,14 @@ def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> N
     # the same request again: that Patient (200) with its validators; nothing is written
     # but the match's search, logged like any search
     logged = len(api.audit(pid))
-    store = _store_snapshot(network_dir)
+    store = records_digest(network_dir)
     again = api.post("Patient", patient_with(mrn), staff, headers=only_if)
     assert again.status_code == 200, again.text
     assert again.json()["id"] == pid and again.json()["meta"]["versionId"] == "1"
     assert again.headers["etag"] == 'W/"1"' and "last-modified" in again.headers
     assert again.headers["location"].endswith(f"/Patient/{pid}/_history/1")
     assert len(api.audit(pid)) == logged + 1
-    assert _store_snapshot(network_dir) == store and found(mrn) == [pid]
+    assert records_digest(network_dir) == store and found(mrn) == [pid]
     # a leading "?" is accepted, and a bare value finds it in any system
     bare = {"If-None-Exist": f"?identifier={mrn}"}
     assert api.post("Patient", patient_with(mrn), staff, headers=bare).status_code == 200
@@ -883,17 +871,17 @@ def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> N
 
     # two Patients with the MRN (one created unconditionally): 412, nothing written
     assert api.post("Patient", patient_with(mrn), staff).status_code == 201
-    head, store = api.head(), _store_snapshot(network_dir)
+    head, store = api.head(), records_digest(network_dir)
     doc = outcome(api.post("Patient", patient_with(mrn), staff, headers=only_if), 412)
     assert doc["issue"][0]["code"] == "multiple-matches"
-    assert _store_snapshot(network_dir) == store
+    assert records_digest(network_dir) == store
     # refused criteria: 400, nothing written (not even a logged search)
     head = api.head()
     for criteria in ("", "identifier=", "_count=1", f"identifier={mrn}&_sort=-_lastUpdated"):
         r = api.post("Patient", patient_with(mrn), staff, headers={"If-None-Exist": criteria})
         outcome(r, 400)
     outcome(api.post("Patient", patient_with(mrn), staff, headers={"If-None-Exist": "x=1"}), 400)
-    assert api.head() == head and _store_snapshot(network_dir) == store
+    assert api.head() == head and records_digest(network_dir) == store
 
     # another type, by patient and code; in a batch entry too; not in a transaction
     loinc = {"If-None-Exist": f"patient={pid}&code=http://loinc.org|4548-4"}
@@ -917,10 +905,10 @@ def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> N
     assert entry["response"]["status"] == "200 OK"
     assert entry["response"]["location"].startswith(f"Observation/{first.json()['id']}/")
     transaction = {**batch, "type": "transaction"}
-    head, store = api.head(), _store_snapshot(network_dir)
+    head, store = api.head(), records_digest(network_dir)
     doc = outcome(api.post("", transaction, staff), 400)
     assert "ifNoneExist" in doc["issue"][0]["diagnostics"]
-    assert api.head() == head and _store_snapshot(network_dir) == store
+    assert api.head() == head and records_digest(network_dir) == store
     # results the access decision withholds may match: 412, not a duplicate. The consent
     # lets the clinic see Observations dated before 2020 only: the 2019 one matches, and so
     # may the 2021 one it does not see
@@ -933,12 +921,12 @@ def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> N
     assert r.status_code == 201, r.text
     visible = api.get(f"Observation?patient={other}", "practitioner:dr-clinic")
     assert len(entries(visible.json())) == 1 and entries(visible.json(), "outcome")
-    store = _store_snapshot(network_dir)
+    store = records_digest(network_dir)
     criteria = {"If-None-Exist": f"patient={other}&code=4548-4"}
     r = api.post("Observation", lab_observation(other), "practitioner:dr-clinic", headers=criteria)
     assert outcome(r, 412)["issue"][0]["code"] == "multiple-matches"
     assert "withheld" in r.json()["issue"][0]["diagnostics"]
-    assert _store_snapshot(network_dir) == store
+    assert records_digest(network_dir) == store
     # a Consent cannot be created conditionally
     consent = consent_resource(pid, to_org="clinic")
     outcome(api.post("Consent", consent, staff, headers={"If-None-Exist": "_id=x"}), 400)
