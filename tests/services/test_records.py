@@ -9,6 +9,7 @@ tampering, crypto-shredding, and the absence of plaintext PHI in every file.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import hashlib
 import itertools
@@ -44,6 +45,7 @@ from medledger.node import Node
 from medledger.services.access import AccessService
 from medledger.services.records import (
     Caller,
+    NamedLocks,
     OrgCrypto,
     RecordService,
     RecordWrite,
@@ -946,3 +948,24 @@ def test_access_log_self_rule() -> None:
         "access.log",
         {**entry, "request": "req-3", "actor": other, "outcome": "deny"},
     )
+
+
+async def test_named_locks_serialise_a_name_and_forget_it_once_free() -> None:
+    locks = NamedLocks()
+    events: list[tuple[str, int]] = []
+
+    async def hold(names: list[str], tag: int) -> None:
+        async with locks.hold(names):
+            events.append(("in", tag))
+            await asyncio.sleep(0.01)
+            events.append(("out", tag))
+
+    first = asyncio.create_task(hold(["a"], 1))
+    await asyncio.sleep(0)
+    assert len(locks) == 1
+    await asyncio.gather(first, hold(["b", "a"], 2), hold(["c"], 3))
+    # the two holders of "a" never overlap; "c" ran beside them
+    a_events = [e for e in events if e[1] in (1, 2)]
+    assert a_events == [("in", 1), ("out", 1), ("in", 2), ("out", 2)]
+    assert events.index(("in", 3)) < events.index(("out", 1))
+    assert len(locks) == 0  # nothing is kept for names nobody holds

@@ -99,6 +99,7 @@ from medledger.services.access import AccessService
 from medledger.services.records import (
     PATIENT_PURPOSE,
     Caller,
+    NamedLocks,
     OrgCrypto,
     RecordService,
     RecordWrite,
@@ -297,8 +298,8 @@ class FhirService:
         self.passphrase = passphrase
         self.base_url = base_url.rstrip("/")
         self._identities: dict[str, Identity] = {}
-        self._patient_locks: dict[str, asyncio.Lock] = {}
-        self._conditional_locks: dict[str, asyncio.Lock] = {}
+        self._patient_locks = NamedLocks()
+        self._conditional_locks = NamedLocks()
 
     # ------------------------------------------------------------------ helpers
     def url(self, rtype: str, rid: str, version: int | None = None) -> str:
@@ -482,8 +483,8 @@ class FhirService:
                 return f"{ident.get('system') or ''}|{ident['value']}"
         return patient
 
-    def _lock(self, patient: str) -> asyncio.Lock:
-        return self._patient_locks.setdefault(patient, asyncio.Lock())
+    def _lock(self, patient: str) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._patient_locks.hold([patient])
 
     async def _ensure_patient(
         self, org: str, patient: str, *, register: bool, local_id: str | None = None
@@ -537,9 +538,7 @@ class FhirService:
             return {}
         ids = sorted(wanted)
         errors: dict[str, FhirError] = {}
-        async with contextlib.AsyncExitStack() as stack:
-            for pid in ids:  # sorted: two batches never wait on each other
-                await stack.enter_async_context(self._lock(pid))
+        async with self._patient_locks.hold(ids):  # sorted: two batches never deadlock
 
             def look(st: StateReader) -> dict[str, Any]:
                 return {pid: get_obj(st, k_patient(pid)) for pid in ids}
@@ -771,10 +770,9 @@ class FhirService:
         self, auth: Auth, rtype: str, rid: str, resource: dict[str, Any], if_none_exist: str
     ) -> Result:
         criteria = _criteria(if_none_exist)
-        # one conditional create of a type at a time: two identical ones sent together
-        # must not both find nothing (a custodian's records are written by its node only)
-        lock = self._conditional_locks.setdefault(rtype, asyncio.Lock())
-        async with lock:
+        # conditional creates with the same criteria one at a time: two sent together must
+        # not both find nothing (a custodian's records are written by its node only)
+        async with self._conditional_locks.hold([f"{rtype}?{sorted(criteria)!r}"]):
             found = await self._match(auth, rtype, criteria)
             if found is not None:
                 return found

@@ -127,6 +127,7 @@ from medledger.store.records import IndexEntry, RecordStore, RecordVersion, Wrap
 
 __all__ = [
     "Caller",
+    "NamedLocks",
     "OrgCrypto",
     "RecordService",
     "RecordWrite",
@@ -239,15 +240,19 @@ class _LockEntry:
     users: int = 0  # holding or waiting; the entry is dropped at 0
 
 
-class _RecordLocks:
-    """One asyncio lock per record id, held for any number of records at once.
+class NamedLocks:
+    """One asyncio lock per name (a record id, say), held for any number of names at once.
 
-    Records are locked in sorted order, so two batches never deadlock; entries
+    Names are locked in sorted order, so two batches never deadlock; entries
     exist only while someone holds or waits for them.
     """
 
     def __init__(self) -> None:
         self._locks: dict[str, _LockEntry] = {}
+
+    def __len__(self) -> int:
+        """How many names are held or waited for now."""
+        return len(self._locks)
 
     @contextlib.asynccontextmanager
     async def hold(self, records: Iterable[str]) -> AsyncIterator[None]:
@@ -438,7 +443,7 @@ class RecordService:
         self.store = store
         self.orgs = dict(orgs)
         self.remote = remote  # custodians served by other nodes (consortium)
-        self._locks = _RecordLocks()
+        self._locks = NamedLocks()
 
     # -- helpers ------------------------------------------------------------------------
     def _org(self, org: str) -> OrgCrypto:
