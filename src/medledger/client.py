@@ -253,8 +253,19 @@ class Client:
     async def search_all(self, resource_type: str, **params: str | int) -> list[dict[str, Any]]:
         return [r async for r in self.search(resource_type, **params)]
 
-    async def create(self, resource: Mapping[str, Any]) -> dict[str, Any]:
-        return await self._fhir("POST", str(resource["resourceType"]), body=resource)
+    async def create(
+        self, resource: Mapping[str, Any], *, if_none_exist: str | None = None
+    ) -> dict[str, Any]:
+        """POST the resource; returns it as stored (with its id and version).
+
+        With ``if_none_exist`` (search criteria, e.g. ``"identifier=system|value"``) a
+        conditional create: the resource the criteria match is returned instead when
+        there is one, and :class:`RemoteError` 412 when several may match.
+        """
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist is not None else None
+        return await self._fhir(
+            "POST", str(resource["resourceType"]), body=resource, headers=headers
+        )
 
     async def update(
         self, resource: Mapping[str, Any], *, version: int | str | None = None

@@ -141,6 +141,22 @@ async def test_fhir_round_trip_with_decimals_versions_and_errors(
     assert missing.value.status == 404 and "no-such-id" in str(missing.value)
 
 
+async def test_conditional_create_through_the_client(api: Api, lab: tuple[Client, Tamper]) -> None:
+    client, _ = lab
+    pid = api.new_patient()
+    criteria = f"patient={pid}&code=http://loinc.org|2339-0"
+    body = lab_observation(pid, code="2339-0", display="Glucose")
+    first = await client.create(body, if_none_exist=criteria)
+    again = await client.create(body, if_none_exist=criteria)
+    assert again["id"] == first["id"] and again["meta"]["versionId"] == "1"
+    await client.create(body)  # a second one, unconditionally
+    with pytest.raises(RemoteError) as several:
+        await client.create(body, if_none_exist=criteria)
+    assert several.value.status == 412
+    assert several.value.outcome is not None
+    assert several.value.outcome["issue"][0]["code"] == "multiple-matches"
+
+
 async def test_erasure_through_the_client(api: Api, live: LiveServer) -> None:
     pid = api.new_patient("hospital")
     obs = api.observation(pid, "lab")
