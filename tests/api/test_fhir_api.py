@@ -809,6 +809,29 @@ def test_batch_entries_stand_alone(api: Api) -> None:
     assert resp["entry"][3]["resource"]["total"] == 2
 
 
+def test_prefer_return_shapes_what_a_write_answers(api: Api) -> None:
+    staff = "system:hospital"
+    pid = api.new_patient()
+    r = api.post("Observation", lab_observation(pid), staff, headers={"Prefer": "return=minimal"})
+    assert r.status_code == 201 and r.content == b""
+    assert r.headers["etag"] == 'W/"1"' and "last-modified" in r.headers
+    oid = r.headers["location"].split("/Observation/")[1].split("/")[0]
+    stored = api.get(f"Observation/{oid}", staff).json()
+    r = api.put(
+        f"Observation/{oid}",
+        stored,
+        staff,
+        headers={"Prefer": "handling=strict, return=OperationOutcome", "If-Match": 'W/"1"'},
+    )
+    assert r.status_code == 200 and r.headers["etag"] == 'W/"2"'
+    issue = r.json()["issue"][0]
+    assert r.json()["resourceType"] == "OperationOutcome" and issue["severity"] == "information"
+    assert f"Observation/{oid} is at version 2" in issue["diagnostics"]
+    r = api.put(f"Observation/{oid}", stored, staff, headers={"Prefer": "return=representation"})
+    assert r.status_code == 200 and r.json()["resourceType"] == "Observation"
+    assert r.json()["meta"]["versionId"] == "3"
+
+
 def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> None:
     """``If-None-Exist``: no match creates, one match answers with it and writes nothing,
     several matches (or bad criteria) are refused and leave everything as it was."""

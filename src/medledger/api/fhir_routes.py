@@ -257,6 +257,36 @@ def _result_response(result: Result) -> Response:
     return _render(result.resource, result.status, headers)
 
 
+def _prefer_return(request: Request) -> str:
+    """The ``return`` preference of a write (``representation`` when none is given)."""
+    for part in request.headers.get("prefer", "").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "return":
+            return value.strip().strip('"').lower()
+    return "representation"
+
+
+def _written_response(request: Request, result: Result) -> Response:
+    """A create's or update's answer as ``Prefer: return=`` asks: the resource (the
+    default), no body (``minimal``) or an ``OperationOutcome``; the headers are the same."""
+    prefer = _prefer_return(request)
+    if prefer not in ("minimal", "operationoutcome"):
+        return _result_response(result)
+    headers = _validators(result)
+    if result.location is not None:
+        headers["Location"] = result.location
+    if prefer == "minimal":
+        return Response(status_code=result.status, headers=headers)
+    res = result.resource
+    what = f"{res.get('resourceType')}/{res.get('id')}"
+    text = (
+        f"created {what} version {result.version}"
+        if result.status == 201
+        else f"{what} is at version {result.version}"
+    )
+    return _render(operation_outcome(result.status, text), result.status, headers)
+
+
 def fhir_error_response(exc: FhirError, request: Request | None = None) -> Response:
     """An OperationOutcome response for ``exc`` (with the RFC 6750 challenge on 401)."""
     headers: dict[str, str] = {}
@@ -623,8 +653,8 @@ def _type_routes(router: APIRouter, rtype: str) -> None:
         async def create(request: Request, auth: AuthDep, runtime: RuntimeDep) -> Response:
             body = await _read_body(request)
             criteria = request.headers.get("if-none-exist")
-            return _result_response(
-                await runtime.fhir.create(auth, rtype, body, if_none_exist=criteria)
+            return _written_response(
+                request, await runtime.fhir.create(auth, rtype, body, if_none_exist=criteria)
             )
 
         create_responses = _responses(201, schema, _WRITE_ERRORS, "Created")
@@ -686,7 +716,7 @@ def _type_routes(router: APIRouter, rtype: str) -> None:
             result = await runtime.fhir.update(
                 auth, rtype, rid, body, if_match=request.headers.get("if-match")
             )
-            return _result_response(result)
+            return _written_response(request, result)
 
         ok = _responses(200, schema, _WRITE_ERRORS)
         router.add_api_route(
