@@ -809,6 +809,24 @@ def test_batch_entries_stand_alone(api: Api) -> None:
     assert resp["entry"][3]["resource"]["total"] == 2
 
 
+def test_head_answers_the_headers_of_the_get(api: Api) -> None:
+    staff = "system:hospital"
+    pid = api.new_patient()
+    obs = api.observation(pid, "hospital")
+    url = f"/fhir/Observation/{obs['id']}"
+    got = api.http.get(url, headers=api.headers(staff))
+    logged = len(api.audit(pid))
+    head = api.http.head(url, headers=api.headers(staff))
+    assert head.status_code == 200 and head.content == b""
+    for name in ("etag", "last-modified", "content-type", "content-length"):
+        assert head.headers[name] == got.headers[name], name
+    assert len(api.audit(pid)) == logged + 1  # a HEAD of a record is a logged read
+    missing = api.http.head("/fhir/Observation/no-such-id", headers=api.headers(staff))
+    assert missing.status_code == 404 and missing.content == b""
+    assert api.http.head("/fhir/metadata").status_code == 200
+    assert api.http.head(url).status_code == 401  # no token
+
+
 def test_prefer_return_shapes_what_a_write_answers(api: Api) -> None:
     staff = "system:hospital"
     pid = api.new_patient()

@@ -82,6 +82,31 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class HeadAsGet:
+    """``HEAD`` answered as the ``GET`` of the same target, without the body (RFC 9110
+    9.3.2): the same status and headers, ``Content-Length`` and ``ETag`` included.
+
+    FastAPI routes declare GET only (Starlette would add HEAD; FastAPI does not), so
+    without this every HEAD was 405. The GET runs as it is: a HEAD of a record is
+    decided and logged like its read.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "HEAD":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_headers_only(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
+
+
 def create_app(settings: Settings | None = None, *, runtime: Runtime | None = None) -> FastAPI:
     """The API for ``settings.data_dir``; with no settings, read them from the environment.
 
@@ -120,6 +145,7 @@ def create_app(settings: Settings | None = None, *, runtime: Runtime | None = No
     _mount_portal(app)
     _install_error_handlers(app)
     app.add_middleware(SecurityHeaders, tls=settings.tls)
+    app.add_middleware(HeadAsGet)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
