@@ -945,11 +945,50 @@ def test_conditional_create_with_if_none_exist(api: Api, network_dir: Path) -> N
     (entry,) = r.json()["entry"]
     assert entry["response"]["status"] == "200 OK"
     assert entry["response"]["location"].startswith(f"Observation/{first.json()['id']}/")
-    transaction = {**batch, "type": "transaction"}
-    head, store = api.head(), records_digest(network_dir)
-    doc = outcome(api.post("", transaction, staff), 400)
-    assert "ifNoneExist" in doc["issue"][0]["diagnostics"]
-    assert api.head() == head and records_digest(network_dir) == store
+    # in a transaction: a Patient created only if its MRN is new, and an Observation
+    # referring to it by fullUrl, which resolves to the Patient found when there is one
+    mrn3 = f"MRN-{tag}-3"
+    patient_url = "urn:uuid:7f9a51d4-1c1e-4f53-9d8e-0b6f2c3a4e51"
+    reading = lab_observation("x")
+    reading["subject"] = {"reference": patient_url}
+
+    def transaction(mrn: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Bundle",
+            "type": "transaction",
+            "entry": [
+                {
+                    "fullUrl": patient_url,
+                    "resource": patient_with(mrn),
+                    "request": {
+                        "method": "POST",
+                        "url": "Patient",
+                        "ifNoneExist": f"identifier={mrn_system}|{mrn}",
+                    },
+                },
+                {"resource": reading, "request": {"method": "POST", "url": "Observation"}},
+            ],
+        }
+
+    def outcome_of(r: httpx.Response) -> list[tuple[str, str]]:
+        assert r.status_code == 200, r.text
+        return [
+            (e["response"]["status"], e["response"]["location"].split("/_history")[0])
+            for e in r.json()["entry"]
+        ]
+
+    (made, obs1) = outcome_of(api.post("", transaction(mrn3), staff))
+    assert made[0] == "201 Created" and obs1[0] == "201 Created"
+    (kept, obs2) = outcome_of(api.post("", transaction(mrn3), staff))
+    assert kept == ("200 OK", made[1]) and obs2[0] == "201 Created" and obs2[1] != obs1[1]
+    linked = api.get(obs2[1], staff).json()
+    assert linked["subject"]["reference"] == made[1]  # the Patient found, not a new one
+    assert found(mrn3) == [made[1].split("/")[1]]
+    # several matches: 412 naming the entry, and nothing of the Bundle is written
+    store = records_digest(network_dir)
+    doc = outcome(api.post("", transaction(mrn), staff), 412)
+    assert doc["issue"][0]["expression"] == ["Bundle.entry[0].request.ifNoneExist"]
+    assert records_digest(network_dir) == store
     # results the access decision withholds may match: 412, not a duplicate. The consent
     # lets the clinic see Observations dated before 2020 only: the 2019 one matches, and so
     # may the 2021 one it does not see

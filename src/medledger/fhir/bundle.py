@@ -92,6 +92,7 @@ class Entry:
     if_none_exist: str | None = None
     if_modified_since: str | None = None
     error: FhirError | None = None  # batch only: this entry cannot run
+    matched: bool = False  # a conditional create whose criteria found ``id``: nothing to write
 
     @property
     def reference(self) -> str | None:
@@ -287,12 +288,17 @@ def _check_entry_shell(index: int, raw: dict[str, Any]) -> None:
             raise FhirError.from_issues(400, exc.issues) from None
 
 
-def plan_transaction(bundle: Any, *, new_id: IdFactory | None = None) -> list[Entry]:
+def plan_transaction(
+    bundle: Any, *, new_id: IdFactory | None = None, matched: Mapping[int, str] | None = None
+) -> list[Entry]:
     """Check a transaction/batch Bundle and plan its entries (request order).
 
     ``new_id(resource_type, full_url, resource)`` assigns the logical id of
     each POSTed resource (default: a random UUID); the importer passes a
-    deterministic one so that re-runs are idempotent.
+    deterministic one so that re-runs are idempotent. ``matched`` maps the index
+    of a conditional create (``ifNoneExist``) whose criteria found a resource to
+    that resource's id: the entry is planned as :attr:`Entry.matched` (nothing
+    to write) and references to its ``fullUrl`` resolve to the resource found.
     """
     if isinstance(bundle, bytes | bytearray | str):
         bundle = parse_json(bundle)
@@ -316,11 +322,17 @@ def plan_transaction(bundle: Any, *, new_id: IdFactory | None = None) -> list[En
     entries: list[Entry] = []
     for i, raw in enumerate(raw_entries):
         try:
-            entries.append(_plan_entry(i, raw, factory))
+            entry = _plan_entry(i, raw, factory)
         except FhirError as exc:
             if is_tx:
                 raise
             entries.append(_failed_entry(i, raw, exc))
+            continue
+        found = (matched or {}).get(i)
+        if found is not None and entry.interaction == "create" and entry.resource is not None:
+            entry.id, entry.matched = found, True
+            entry.resource["id"] = found
+        entries.append(entry)
 
     if not is_tx:
         return entries

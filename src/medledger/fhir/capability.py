@@ -100,7 +100,7 @@ def capability_statement(
             "versioning": "versioned-update" if "update" in kinds else "versioned",
             "readHistory": "vread" in kinds,
             "updateCreate": False,
-            # If-None-Exist on POST, searched as the caller searches (not in transactions)
+            # If-None-Exist on POST (ifNoneExist in Bundles), searched as the caller searches
             "conditionalCreate": "create" in kinds and rtype != "Consent",
             # If-None-Match on every read; If-Modified-Since where versions carry lastUpdated
             "conditionalRead": "not-match"

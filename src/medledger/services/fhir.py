@@ -158,6 +158,11 @@ def _criteria(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _criteria_key(rtype: str, criteria: Sequence[tuple[str, str]]) -> str:
+    """The name conditional creates of ``rtype`` with these criteria are serialised by."""
+    return f"{rtype}?{sorted(criteria)!r}"
+
+
 def _index_version_key(org: str) -> str:
     """The record-store meta key of the index version ``org``'s records were indexed by."""
     return f"search-index-version/{org}"
@@ -772,7 +777,7 @@ class FhirService:
         criteria = _criteria(if_none_exist)
         # conditional creates with the same criteria one at a time: two sent together must
         # not both find nothing (a custodian's records are written by its node only)
-        async with self._conditional_locks.hold([f"{rtype}?{sorted(criteria)!r}"]):
+        async with self._conditional_locks.hold([_criteria_key(rtype, criteria)]):
             found = await self._match(auth, rtype, criteria)
             if found is not None:
                 return found
@@ -1626,12 +1631,38 @@ class FhirService:
 
         doc = parse_json(body) if not isinstance(body, dict) else body
         entries = plan_transaction(doc, new_id=new_id)
-        if isinstance(doc, dict) and doc.get("type") == "transaction":
-            return await self._transaction(auth, entries)
-        return await self._batch(auth, entries)
+        if not (isinstance(doc, dict) and doc.get("type") == "transaction"):
+            return await self._batch(auth, entries)
+        conditional = [e for e in entries if e.interaction == "create" and e.if_none_exist]
+        if not conditional:
+            return await self._transaction(auth, entries, {})
+        # conditional creates: their criteria are searched first (each a logged search) and
+        # held, so that no identical conditional create runs until this Bundle is done
+        criteria = {e.index: _criteria(e.if_none_exist or "") for e in conditional}
+        names = [_criteria_key(e.resource_type, criteria[e.index]) for e in conditional]
+        async with self._conditional_locks.hold(names):
+            found: dict[int, Result] = {}
+            for e in conditional:
+                auth.require(e.resource_type, "c")
+                try:
+                    match = await self._match(auth, e.resource_type, criteria[e.index])
+                except FhirError as exc:
+                    where = f"Bundle.entry[{e.index}].request.ifNoneExist"
+                    raise FhirError(exc.status, exc.code, exc.diagnostics, [where]) from None
+                if match is not None:
+                    found[e.index] = match
+            if found:
+                ids = {i: str(r.resource["id"]) for i, r in found.items()}
+                entries = plan_transaction(doc, new_id=new_id, matched=ids)
+            return await self._transaction(auth, entries, found)
 
-    async def _transaction(self, auth: Auth, entries: list[Any]) -> dict[str, Any]:
+    async def _transaction(
+        self, auth: Auth, entries: list[Any], matched: Mapping[int, Result]
+    ) -> dict[str, Any]:
         """All or nothing: every entry is checked before anything is written.
+
+        ``matched`` holds the resources the conditional creates' criteria found (those
+        entries write nothing and answer 200 with the resource found).
 
         The pre-flight runs every check the contracts and the record service
         would (validation, scopes, the writer's role, custodian, versions and
@@ -1646,6 +1677,8 @@ class FhirService:
         writers: dict[str, tuple[str, SigningKey | None]] = {}
         creating: dict[str, bool] = {}
         for e in processing_order(entries):
+            if e.matched:
+                continue
             where = f"Bundle.entry[{e.index}]"
             try:
                 plans[e.index] = await self._preflight(auth, e, writers, creating)
@@ -1662,6 +1695,12 @@ class FhirService:
         results: dict[int, EntryResult] = {}
 
         async def run(e: Any) -> None:
+            if e.matched:
+                res = matched[e.index]
+                results[e.index] = EntryResult(
+                    200, e.resource_type, e.id, res.version, res.last_updated
+                )
+                return
             plan = plans[e.index]
             if plan is None:
                 results[e.index] = EntryResult(
@@ -1713,13 +1752,8 @@ class FhirService:
             raise _err(400, "not-supported", "a transaction may only write: send reads in a batch")
         if rtype not in RECORD_TYPES:
             raise _err(400, "not-supported", f"{rtype} cannot be written in a transaction")
-        if e.if_none_exist or e.if_none_match:
-            raise _err(
-                400,
-                "not-supported",
-                "conditional requests are not supported in a transaction "
-                "(ifNoneExist works on a single POST and in a batch)",
-            )
+        if e.if_none_match:
+            raise _err(400, "not-supported", "ifNoneMatch is not supported in a transaction")
         interaction = {"POST": "c", "PUT": "u", "DELETE": "d"}[e.method]
         auth.require(rtype, interaction)
         if rtype not in writers:
