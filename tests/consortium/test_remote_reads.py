@@ -31,11 +31,13 @@ from typing import Any
 import httpx
 import pytest
 
+import pg
 from api.conftest import SmartClient, lab_observation, new_key, synthea_patient
 from medledger.api.settings import Settings
 from medledger.api.smart import SmartAuthority
 from medledger.client import AccessProof, Client, ClientKey, Trust
 from medledger.consortium import network as net
+from medledger.consortium.config import load_config
 from medledger.crypto.keystore import Keystore
 from medledger.crypto.signing import SigningKey
 from medledger.encoding import decode, encode
@@ -65,9 +67,11 @@ class XNet:
         return next(n for n in self.layout["nodes"] if n["org"] == org)
 
 
-async def _register_clients(layout: dict[str, Any]) -> dict[str, SmartClient]:
+async def _register_clients(
+    layout: dict[str, Any], wanted: list[tuple[str, str, str | None]] | None = None
+) -> dict[str, SmartClient]:
     """SMART clients in each node's client store, before the nodes start."""
-    wanted = [("system:org-1", "org-1", None), ("practitioner:phys-b", "org-2", "phys-b")]
+    wanted = wanted or [("system:org-1", "org-1", None), ("practitioner:phys-b", "org-2", "phys-b")]
     out: dict[str, SmartClient] = {}
     for who, org, practitioner in wanted:
         node = next(n for n in layout["nodes"] if n["org"] == org)
@@ -339,84 +343,131 @@ def test_a_client_is_registered_with_a_running_nodes_config(xnet: XNet, tmp_path
     assert nobody.returncode == 2 and "not a practitioner of org-2" in nobody.stderr
 
 
-def _unpromote(db: Path, record: str) -> None:
+def _sql(url: str, statements: list[tuple[str, tuple[Any, ...]]]) -> list[list[Any]]:
+    """Run ``statements`` (``?`` placeholders) in one transaction on a SQLite or PostgreSQL
+    record store, behind the node's back; the rows each returns."""
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as conn, conn:
+            return [conn.execute(q, args).fetchall() for q, args in statements]
+    import psycopg
+
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        out = []
+        for q, args in statements:
+            cur.execute(q.replace("?", "%s"), args)
+            out.append(cur.fetchall() if cur.description else [])
+        return out
+
+
+async def _unpromote(url: str, record: str) -> None:
     """Put ``record``'s promoted version back into staging, as if the node process had died
     between the version's commit and its promotion (the rows a write leaves then)."""
-
-    async def run() -> None:
-        store = await open_record_store(f"sqlite:///{db}")
-        try:
-            v = await store.get_version(record)
-            assert v is not None
-            (entry,), _ = await store.search(resource_type=None, ids=[record])
-            with contextlib.closing(sqlite3.connect(db)) as conn:
-                keys = [
-                    WrappedKey(record, v.version, recipient, wrapped)
-                    for recipient, wrapped in conn.execute(
-                        "SELECT recipient, wrapped FROM rec_keys WHERE record = ?", (record,)
-                    )
-                ]
-                with conn:
-                    for table in ("rec_versions", "rec_keys", "rec_index", "rec_tokens"):
-                        conn.execute(f"DELETE FROM {table} WHERE record = ?", (record,))
-            assert keys and entry.tokens
-            await store.stage(v, keys, entry, staged_at=int(time.time() * 1000))
-            assert await store.get_version(record) is None
-        finally:
-            await store.close()
-
-    asyncio.run(run())
+    store = await open_record_store(url)
+    try:
+        v = await store.get_version(record)
+        assert v is not None
+        (entry,), _ = await store.search(resource_type=None, ids=[record])
+        select = ("SELECT recipient, wrapped FROM rec_keys WHERE record = ?", (record,))
+        deletes = [
+            (f"DELETE FROM {table} WHERE record = ?", (record,))
+            for table in ("rec_versions", "rec_keys", "rec_index", "rec_tokens")
+        ]
+        rows = _sql(url, [select, *deletes])[0]
+        keys = [WrappedKey(record, v.version, str(r), bytes(w)) for r, w in rows]
+        assert keys and entry.tokens
+        await store.stage(v, keys, entry, staged_at=int(time.time() * 1000))
+        assert await store.get_version(record) is None
+    finally:
+        await store.close()
 
 
-def test_a_restarted_node_promotes_what_its_killed_process_left_staged(xnet: XNet) -> None:
-    """A node process killed after a version committed but before the custodian promoted
-    it: the restarted node settles its record store before serving FHIR, so the version
-    is searchable again (not only readable, which repairs one record on demand)."""
-    x = xnet
-    a = fhir(x, "org-1")
-    sys_a = {"Authorization": f"Bearer {token(x, 'system:org-1')}", "Content-Type": FHIR_JSON}
-    r = httpx.post(f"{a}/Patient", json=copy.deepcopy(synthea_patient()), headers=sys_a)
+async def _settled(url: str, org: str) -> tuple[int, bytes | None]:
+    """(staged versions, recorded search index version) of a record store."""
+    store = await open_record_store(url)
+    try:
+        return len(await store.staged()), await store.get_meta(f"search-index-version/{org}")
+    finally:
+        await store.close()
+
+
+def _restart_after_a_kill_between_commit_and_promotion(
+    directory: Path, layout: dict[str, Any], client: SmartClient
+) -> tuple[str, str, dict[str, Any]]:
+    """Write a Patient and an Observation at org-1, kill org-1's node with the Observation
+    committed but only staged, restart it, and check it settled its record store before
+    serving FHIR: the version is searchable again (not only readable, which repairs one
+    record on demand), staging is empty, the index version is recorded. Returns the ids
+    written and ``medledger verify --records --config`` of the node, run while it serves."""
+    node = next(n for n in layout["nodes"] if n["org"] == "org-1")
+    records_url = load_config(node["config"]).records
+    api = str(node["api"]) + "/fhir"
+
+    def headers() -> dict[str, str]:
+        r = httpx.post(client.token_url, data=client.form(), timeout=30)
+        assert r.status_code == 200, r.text
+        return {"Authorization": f"Bearer {r.json()['access_token']}", "Content-Type": FHIR_JSON}
+
+    sys_a = headers()
+    r = httpx.post(f"{api}/Patient", json=copy.deepcopy(synthea_patient()), headers=sys_a)
     assert r.status_code == 201, r.text
     pid = r.json()["id"]
-    r = httpx.post(f"{a}/Observation", json=lab_observation(pid), headers=sys_a, timeout=30)
+    r = httpx.post(f"{api}/Observation", json=lab_observation(pid), headers=sys_a, timeout=30)
     assert r.status_code == 201, r.text
     oid = r.json()["id"]
 
-    pids = json.loads((x.dir / net.PIDS).read_text())
-    pid_1 = int(pids["nodes"]["org-1"])
+    pid_1 = int(json.loads((directory / net.PIDS).read_text())["nodes"]["org-1"])
     os.kill(pid_1, signal.SIGKILL)
     deadline = time.monotonic() + 20
     while net._alive(pid_1) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not net._alive(pid_1)
-    db = Path(x.node("org-1")["data_dir"]) / "records.db"
-    _unpromote(db, oid)
+    asyncio.run(_unpromote(records_url, oid))
 
-    net.start_network(x.dir, timeout=120)
-    sys_a["Authorization"] = f"Bearer {token(x, 'system:org-1')}"
-    r = httpx.get(f"{a}/Observation", params={"patient": pid}, headers=sys_a, timeout=30)
+    net.start_network(directory, timeout=120)
+    r = httpx.get(f"{api}/Observation", params={"patient": pid}, headers=headers(), timeout=30)
     assert r.status_code == 200, r.text
     found = [e["resource"] for e in r.json().get("entry", [])]
     assert [(o["id"], o["meta"]["versionId"]) for o in found] == [(oid, "1")]
-    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM rec_staging").fetchone() == (0,)
-        # and the search index carries the index version it was built with
-        assert conn.execute(
-            "SELECT v FROM rec_meta WHERE k = 'search-index-version/org-1'"
-        ).fetchone() == (str(INDEX_VERSION).encode(),)
-    assert "record store: 1 staged versions promoted" in Path(x.node("org-1")["log"]).read_text()
-    # and the node's records at rest check out against its ledger, while it runs
+    assert asyncio.run(_settled(records_url, "org-1")) == (0, str(INDEX_VERSION).encode())
+    assert "record store: 1 staged versions promoted" in Path(node["log"]).read_text()
     medledger = Path(sys.executable).with_name("medledger")
     done = subprocess.run(
-        [str(medledger), "verify", "--records", "--json", "--config", x.node("org-1")["config"]],
+        [str(medledger), "verify", "--records", "--json", "--config", node["config"]],
         capture_output=True,
         text=True,
         timeout=120,
     )
     (check,) = json.loads(done.stdout)["records"]
     assert check["org"] == "org-1" and check["versions"] >= 2
+    assert done.returncode == (1 if check["problems"] else 0), done.stderr
+    return pid, oid, check
+
+
+def test_a_restarted_node_promotes_what_its_killed_process_left_staged(xnet: XNet) -> None:
+    pid, oid, check = _restart_after_a_kill_between_commit_and_promotion(
+        xnet.dir, xnet.layout, xnet.clients["system:org-1"]
+    )
     # (another test of this module alters a ciphertext of org-1 on purpose: only that one
     # may be reported)
     assert all(p.endswith("(altered)") for p in check["problems"]), check["problems"]
     assert not any(oid in p or pid in p for p in check["problems"])
-    assert done.returncode == (1 if check["problems"] else 0), done.stderr
+
+
+def test_a_restarted_postgresql_node_settles_its_record_store(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same with the node's ledger and record store in PostgreSQL (one organisation)."""
+    d = tmp_path_factory.mktemp("pgrestart") / "net"
+    layout = net.create_network(
+        d, orgs=1, network=NETWORK, gossip_interval=0.5, pg_admin=pg.ADMIN_URL
+    )
+    try:
+        clients = asyncio.run(_register_clients(layout, [("system:org-1", "org-1", None)]))
+        net.start_network(d, timeout=120)
+        _, _, check = _restart_after_a_kill_between_commit_and_promotion(
+            d, layout, clients["system:org-1"]
+        )
+        assert check["ok"] and check["problems"] == [] and check["index"] >= 2
+    finally:
+        with contextlib.suppress(Exception):
+            net.stop_network(d, purge=True)
