@@ -1633,7 +1633,11 @@ class FhirService:
         entries = plan_transaction(doc, new_id=new_id)
         if not (isinstance(doc, dict) and doc.get("type") == "transaction"):
             return await self._batch(auth, entries)
-        conditional = [e for e in entries if e.interaction == "create" and e.if_none_exist]
+        conditional = [
+            e
+            for e in entries
+            if e.interaction == "create" and e.if_none_exist and e.resource_type in RECORD_TYPES
+        ]  # (other types are refused by the pre-flight, before anything is searched)
         if not conditional:
             return await self._transaction(auth, entries, {})
         # conditional creates: their criteria are searched first (each a logged search) and
