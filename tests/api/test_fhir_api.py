@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from medledger.datadir import DataDir
+from medledger.fhir.index import SUBSETTED
 from medledger.ledger.checkpoint import checkpoint_of, verify_checkpoint
 from medledger.ledger.note import NoteVerifier
 from medledger.ledger.tx import Transaction
@@ -807,6 +808,28 @@ def test_batch_entries_stand_alone(api: Api) -> None:
     assert statuses == ["200 OK", "404 Not Found", "201 Created", "200 OK"]
     assert resp["entry"][0]["resource"]["id"] == obs["id"]
     assert resp["entry"][3]["resource"]["total"] == 2
+
+
+def test_search_elements_returns_only_the_elements_asked_for(api: Api) -> None:
+    staff = "system:lab"
+    pid = api.new_patient()
+    for value in (5.1, 5.2, 5.3):
+        api.observation(pid, value=value)
+    r = api.get(f"Observation?patient={pid}&_elements=code,value,status&_count=2", staff)
+    assert r.status_code == 200, r.text
+    found = entries(r.json())
+    assert len(found) == 2
+    for res in found:
+        assert set(res) == {"resourceType", "id", "meta", "code", "valueQuantity", "status"}
+        assert {"system": SUBSETTED["system"], "code": "SUBSETTED"} in res["meta"]["tag"]
+        assert res["meta"]["versionId"] == "1"
+    links = {link["relation"]: link["url"] for link in r.json()["link"]}
+    assert "_elements=code%2Cvalue%2Cstatus" in links["next"]
+    page2 = api.http.get(links["next"], headers=api.headers(staff)).json()
+    assert [set(res) for res in entries(page2)] == [set(found[0])]
+    whole = entries(api.get(f"Observation?patient={pid}", staff).json())
+    assert "subject" in whole[0] and "tag" not in whole[0]["meta"]
+    outcome(api.get(f"Observation?patient={pid}&_elements=value.code", staff), 400)
 
 
 def test_head_answers_the_headers_of_the_get(api: Api) -> None:

@@ -183,6 +183,14 @@ def _search_parameters(rtype: str) -> list[dict[str, Any]]:
         for name, (_kind, _target, doc) in sorted(SEARCH_PARAMS.get(rtype, {}).items())
         if name not in ("_count", "_offset")
     ]
+    if rtype in RECORD_TYPES:
+        params.append(
+            _query(
+                "_elements",
+                "Top-level elements to return, comma-separated (e.g. code,value): the "
+                "results carry those, their id and meta, and the SUBSETTED tag",
+            )
+        )
     return params + _PAGING
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "MAX_COUNT",
     "RESULT_PARAMS",
     "SEARCH_PARAMS",
+    "SUBSETTED",
     "Extracted",
     "SearchQuery",
     "extract",
@@ -439,12 +440,20 @@ def _build_params() -> dict[str, dict[str, tuple[str, str, str]]]:
 
 
 #: Search parameters per supported type: name -> (FHIR type, what it maps to, documentation).
-#: ``_count``, ``_offset``, ``_sort=-_lastUpdated``, ``_total``, ``_format`` and ``_pretty``
-#: are accepted everywhere as result parameters.
+#: ``_count``, ``_offset``, ``_sort=-_lastUpdated``, ``_total``, ``_format``, ``_pretty`` and
+#: ``_elements`` are accepted everywhere as result parameters.
 SEARCH_PARAMS: dict[str, dict[str, tuple[str, str, str]]] = _build_params()
 
 #: The result parameters (they shape the answer, they do not filter).
-RESULT_PARAMS = frozenset({"_count", "_offset", "_sort", "_total", "_format", "_pretty"})
+RESULT_PARAMS = frozenset(
+    {"_count", "_offset", "_sort", "_total", "_format", "_pretty", "_elements"}
+)
+_ELEMENT_RE = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
+#: the tag a resource trimmed by ``_elements`` carries (FHIR search 3.1.1.5.10)
+SUBSETTED = {
+    "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "code": "SUBSETTED",
+}
 _DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
 
 
@@ -465,6 +474,7 @@ class SearchQuery:
     offset: int = 0
     params: tuple[tuple[str, str], ...] = ()  # the filter parameters as given (for links)
     ignored: tuple[str, ...] = field(default=())  # names ignored under handling=lenient
+    elements: tuple[str, ...] = ()  # _elements: the top-level elements to return (all: empty)
 
     @property
     def impossible(self) -> bool:
@@ -490,9 +500,28 @@ class SearchQuery:
         """The query string of this search (for Bundle.link), at another page if asked."""
         return [
             *self.params,
+            *([("_elements", ",".join(self.elements))] if self.elements else []),
             ("_count", str(self.count if count is None else count)),
             ("_offset", str(self.offset if offset is None else offset)),
         ]
+
+    def subset(self, resource: dict[str, Any]) -> dict[str, Any]:
+        """``resource`` with only the ``_elements`` asked for (a choice element such as
+        ``value`` keeps ``valueQuantity``), its id and meta, tagged SUBSETTED."""
+        if not self.elements:
+            return resource
+
+        def wanted(key: str) -> bool:
+            return any(
+                key == name or (key.startswith(name) and key[len(name) : len(name) + 1].isupper())
+                for name in self.elements
+            )
+
+        out = {k: v for k, v in resource.items() if k in ("resourceType", "id") or wanted(k)}
+        meta = dict(resource.get("meta") or {})
+        meta["tag"] = [*(meta.get("tag") or []), dict(SUBSETTED)]
+        out["meta"] = meta
+        return out
 
 
 def _split(value: str, sep: str) -> list[str]:
@@ -631,6 +660,7 @@ def parse_search(
     categories: tuple[tuple[str | None, str], ...] = ()
     date_ge = date_lt = updated_ge = updated_lt = None
     count, offset = DEFAULT_COUNT, 0
+    elements: tuple[str, ...] = ()
     kept: list[tuple[str, str]] = []
     ignored: list[str] = []
     seen: set[str] = set()
@@ -658,6 +688,12 @@ def parse_search(
                 count = min(_int_param(name, value), MAX_COUNT)
             elif name == "_offset":
                 offset = _int_param(name, value)
+            elif name == "_elements":
+                names = [v.strip() for v in value.split(",")]
+                bad = [v for v in names if not _ELEMENT_RE.fullmatch(v)]
+                if bad:
+                    raise _bad(name, f"{bad[0]!r} is not an element name", "value")
+                elements = tuple(dict.fromkeys(names))
             elif name == "_sort":
                 if value not in ("-_lastUpdated",):
                     reject(name, "only _sort=-_lastUpdated (the natural order) is supported")
@@ -711,6 +747,7 @@ def parse_search(
         offset=offset,
         params=tuple(kept),
         ignored=tuple(ignored),
+        elements=elements,
     )
 
 

@@ -1049,7 +1049,7 @@ class FhirService:
                 held = await self.records.remote_entries(auth.caller, patient, (rtype,))
                 page, total = _after_local(page, total, held, query.offset, query.count)
         records, withheld = await self._fetch_many(auth, patient, page, (rtype,))
-        resources = [self._present(r) for r in records if r.resource is not None]
+        resources = [query.subset(self._present(r)) for r in records if r.resource is not None]
         if withheld:
             total = len(resources) if query.offset == 0 and len(page) < query.count else total
         links = search_links(self.base_url, query, total)
