@@ -344,7 +344,7 @@ def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) 
         ).fetchall()
     gone = [r for r, p in held if p == erased]
     kept = [r for r, p in held if p != erased]
-    assert gone and len(kept) >= 3
+    assert gone and len(kept) >= 4
 
     before = records_digest(node)
     doc = json.loads(run("verify", "--records", "--json", "--data-dir", node).stdout)
@@ -363,7 +363,7 @@ def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) 
     assert both.returncode == 2 and "not both" in both.stderr
 
     # what an alteration at rest looks like: each one is named, and verify fails
-    altered, missing, unindexed = kept[:3]
+    altered, missing, unindexed, extended = kept[:4]
     with contextlib.closing(sqlite3.connect(node / "records.db")) as db, db:
         (blob,) = db.execute(
             "SELECT ciphertext FROM rec_versions WHERE record = ?", (altered,)
@@ -376,6 +376,11 @@ def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) 
         db.execute("DELETE FROM rec_versions WHERE record = ?", (missing,))
         db.execute("DELETE FROM rec_tokens WHERE record = ?", (unindexed,))
         db.execute("UPDATE rec_versions SET ciphertext = x'00ff' WHERE record = ?", (gone[0],))
+        db.execute(  # a version 2 the ledger never saw
+            "INSERT INTO rec_versions SELECT record, 2, patient, custodian, resource_type, "
+            "salt, ciphertext, last_updated, deleted FROM rec_versions WHERE record = ?",
+            (extended,),
+        )
     bad = run("verify", "--records", "--json", "--data-dir", node, check=False)
     assert bad.returncode == 1
     problems = {c["org"]: c for c in json.loads(bad.stdout)["records"]}["hospital"]["problems"]
@@ -386,6 +391,7 @@ def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) 
             f"{unindexed}: the search index row differs from the record "
             "(medledger reindex rewrites it)",
             f"{gone[0]} v1: shredded, but its data remains",
+            f"{extended} v2: stored, but not on the ledger",
         ]
     )
     text = run("verify", "--records", "--data-dir", node, check=False)
@@ -405,5 +411,6 @@ def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) 
         [
             f"{missing} v1: committed on the ledger, missing from the store",
             f"{gone[0]} v1: shredded, but its data remains",
+            f"{extended} v2: stored, but not on the ledger",
         ]
     )

@@ -1018,8 +1018,8 @@ class RecordService:
                 if isinstance(rec, dict) and rec.get("custodian") == org
             ]
 
-        ledger = sorted(await self.node.read(held), key=lambda r: str(r["id"]))
-        known = {str(r["id"]): r for r in ledger}
+        # the index before the ledger: a version is indexed only once committed, so on a
+        # node that keeps writing every row read here is already on the ledger read next
         index: dict[str, IndexEntry] = {}
         offset = 0
         while True:
@@ -1030,6 +1030,8 @@ class RecordService:
             offset += len(page)
             if not page or offset >= total:
                 break
+        ledger = sorted(await self.node.read(held), key=lambda r: str(r["id"]))
+        known = {str(r["id"]): r for r in ledger}
         problems = check.problems
         for n, rec in enumerate(ledger, 1):
             rid, latest = str(rec["id"]), int(rec["version"])
@@ -1066,8 +1068,13 @@ class RecordService:
                                 f"{rid}: the search index row differs from the record "
                                 "(medledger reindex rewrites it)"
                             )
-            for extra in sorted(v for v in stored if v > latest):
-                problems.append(f"{rid} v{extra}: stored, but not on the ledger")
+            extra = sorted(v for v in stored if v > latest)
+            if extra:  # or committed since the ledger was read: ask it again
+                now = await self._ledger_record(rid)
+                newest = latest if now is None else int(now["version"])
+                problems.extend(
+                    f"{rid} v{ver}: stored, but not on the ledger" for ver in extra if ver > newest
+                )
             if on_progress is not None:
                 on_progress(n, len(ledger))
         for rid in sorted(set(index) - set(known)):
