@@ -787,37 +787,30 @@ class FhirService:
         self, auth: Auth, rtype: str, criteria: list[tuple[str, str]]
     ) -> Result | None:
         """The one resource ``criteria`` find for the caller, None for none, 412 otherwise."""
+        from medledger.fhir.index import parse_search
+
+        auth.require(rtype, "s")
+        query = parse_search(rtype, [*criteria, ("_count", "2")])
         try:
-            doc = await self.search(auth, rtype, [*criteria, ("_count", "2")])
+            records, total, withheld = await self._search(auth, rtype, query)
         except FhirError as exc:
             if exc.code != "multiple-matches":
                 raise
             raise _err(412, "multiple-matches", f"If-None-Exist: {exc.diagnostics}") from None
-        entries = doc.get("entry") or []
-        found = [e["resource"] for e in entries if e["search"]["mode"] == "match"]
-        if any(e["search"]["mode"] == "outcome" for e in entries):
+        if withheld:
             raise _err(
                 412,
                 "multiple-matches",
                 "If-None-Exist: results the access decision withheld may match; not created",
             )
-        if len(found) > 1 or int(doc.get("total") or 0) > 1:
+        if len(records) > 1 or total > 1:
             raise _err(
                 412, "multiple-matches", "If-None-Exist: the criteria match more than one resource"
             )
-        if not found:
+        if not records:
             return None
-        res = found[0]
-        meta = res.get("meta") or {}
-        version = int(meta["versionId"])
-        when = datetime.fromisoformat(str(meta["lastUpdated"]).replace("Z", "+00:00"))
-        return Result(
-            res,
-            status=200,
-            version=version,
-            last_updated=int(when.timestamp() * 1000),
-            location=self.url(rtype, str(res["id"]), version),
-        )
+        rec = records[0]
+        return replace(self._result(rec), location=self.url(rtype, rec.id, rec.version))
 
     async def _create(self, auth: Auth, rtype: str, rid: str, resource: dict[str, Any]) -> Result:
         org, author = await self._writer(auth, rtype)
@@ -1033,10 +1026,20 @@ class FhirService:
         if rtype == "AuditEvent":
             return await self.audit_search(auth, params, lenient=lenient)
         query = parse_search(rtype, list(params), lenient=lenient)
+        records, total, withheld = await self._search(auth, rtype, query)
+        resources = [query.subset(self._present(r)) for r in records]
+        links = search_links(self.base_url, query, total)
+        return self._searchset(resources, total, links, withheld)
+
+    async def _search(
+        self, auth: Auth, rtype: str, query: Any
+    ) -> tuple[list[StoredRecord], int, list[str]]:
+        """The records of a parsed search the caller may see (one decision, logged), the
+        total, and the resource types the decision withheld."""
         if rtype == "Patient" and query.patient is None and not query.ids and query.codes:
             found = await self._patient_by_identifier(auth, query)
             if found is None:
-                return self._searchset([], 0, search_links(self.base_url, query, 0))
+                return [], 0, []
             patient = found
         else:
             patient = await self._search_patient(auth, rtype, query.patient, query.ids)
@@ -1048,12 +1051,11 @@ class FhirService:
                 # records of the patient other members' nodes hold (clinical filters: local only)
                 held = await self.records.remote_entries(auth.caller, patient, (rtype,))
                 page, total = _after_local(page, total, held, query.offset, query.count)
-        records, withheld = await self._fetch_many(auth, patient, page, (rtype,))
-        resources = [query.subset(self._present(r)) for r in records if r.resource is not None]
+        fetched, withheld = await self._fetch_many(auth, patient, page, (rtype,))
+        records = [r for r in fetched if r.resource is not None]
         if withheld:
-            total = len(resources) if query.offset == 0 and len(page) < query.count else total
-        links = search_links(self.base_url, query, total)
-        return self._searchset(resources, total, links, withheld)
+            total = len(records) if query.offset == 0 and len(page) < query.count else total
+        return records, total, withheld
 
     async def _index_search(
         self, rtype: str, patient: str, query: Any
