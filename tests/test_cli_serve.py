@@ -312,6 +312,13 @@ def test_reindex_rewrites_only_what_changed(node: Path) -> None:
     assert f"hospital: {count} records checked, 0 reindexed" in text
     bad = run("reindex", "--org", "nowhere", "--data-dir", node, check=False)
     assert bad.returncode == 2 and "does not serve nowhere" in bad.stderr
+    # on a store an older version indexed (tokens missing, version 1), the command does the
+    # reindexing itself and says so: it is not done first, unreported, when it opens
+    with contextlib.closing(sqlite3.connect(node / "records.db")) as db, db:
+        db.execute("DELETE FROM rec_tokens")
+        db.execute("UPDATE rec_meta SET v = x'31' WHERE k = 'search-index-version/hospital'")
+    doc = json.loads(run("reindex", "--org", "hospital", "--data-dir", node, "--json").stdout)
+    assert doc == {"hospital": {"checked": count, "rewritten": count}}
 
 
 def test_verify_records_checks_what_is_held_at_rest(node: Path, tmp_path: Path) -> None:

@@ -971,7 +971,8 @@ async def _reindex(
     from medledger.api.runtime import Runtime
     from medledger.api.settings import Settings
 
-    runtime = await Runtime.open(Settings(data_dir=dd.path), smart=False)
+    # not reindexed at open as well: the pass below is the one asked for, and it reports
+    runtime = await Runtime.open(Settings(data_dir=dd.path), smart=False, upgrade_index=False)
     try:
         results: dict[str, tuple[int, int]] = {}
         for o in orgs:

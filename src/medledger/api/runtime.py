@@ -69,6 +69,7 @@ class Runtime:
         node: Node | None = None,
         submitter: Submitter | None = None,
         records_remote: Any = None,
+        upgrade_index: bool = True,
     ) -> Runtime:
         """Open and start everything the data directory describes.
 
@@ -81,6 +82,10 @@ class Runtime:
         its ``submitter`` (one per node key, so sequence numbers never collide)
         and ``records_remote`` (cross-node custodians for the record service);
         the runtime then neither starts, locks nor closes that node.
+
+        A record store indexed by another index version is reindexed before this
+        returns, unless ``upgrade_index`` is off (``medledger reindex``, which
+        reindexes itself, with progress).
         """
         dd = DataDir(settings.data_dir)
         dd.config()  # a clear error when the directory is not initialised
@@ -120,7 +125,8 @@ class Runtime:
                 passphrase=dd.passphrase(),
                 base_url=settings.fhir_base,
             )
-            await fhir.upgrade_index()  # after an upgrade that indexes records differently
+            if upgrade_index:  # after an upgrade that indexes records differently
+                await fhir.upgrade_index()
             if smart:
                 authority = await SmartAuthority.open(
                     settings.smart_store, token_url=settings.token_url, clock=clock
