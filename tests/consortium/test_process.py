@@ -116,6 +116,55 @@ async def test_a_node_process_serves_halts_and_stops(tmp_path: Path) -> None:
     assert proc.monitor.phase == "stopping"
 
 
+async def test_a_node_process_says_serving_only_once_its_fhir_api_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whoever waits for the phase `serving` (`medledger network up`, the tests) then uses
+    # the FHIR API at once: while the record store is being settled the node says
+    # `preparing`, and nothing listens on the FHIR port yet.
+    from dataclasses import replace
+
+    cfg = replace(await make_config(tmp_path), api=HttpEndpoint("127.0.0.1", free_port()))
+    proc = NodeProcess(cfg)
+    await proc.open()
+    assert proc.runtime is not None and proc.fhir_app is not None
+    release = asyncio.Event()
+    recover = proc.runtime.records.recover
+
+    async def held_recover() -> tuple[int, int]:
+        await release.wait()
+        result: tuple[int, int] = await recover()
+        return result
+
+    monkeypatch.setattr(proc.runtime.records, "recover", held_recover)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(proc.run(stop))
+    try:
+        async with (
+            httpx.AsyncClient(base_url=cfg.peer.url, timeout=10) as peer,
+            httpx.AsyncClient(base_url=cfg.api.url, timeout=10) as api,
+        ):
+            health: dict[str, Any] = {}
+            for _ in range(200):
+                with contextlib.suppress(httpx.HTTPError):
+                    health = (await peer.get("/health")).json()
+                    if health["phase"] not in ("starting", "catching-up"):
+                        break
+                await asyncio.sleep(0.05)
+            assert health["phase"] == "preparing", health
+            with pytest.raises(httpx.ConnectError):
+                await api.get("/fhir/metadata")
+            release.set()
+            assert (await wait_serving(peer))["phase"] == "serving"
+            meta = await api.get("/fhir/metadata")
+            assert meta.status_code == 200 and meta.json()["resourceType"] == "CapabilityStatement"
+    finally:
+        release.set()
+        stop.set()
+        await runner
+        await proc.close()
+
+
 async def test_a_node_process_orders_through_etcd_over_tls(tmp_path: Path) -> None:
     # node.toml with orderer = "etcds://..." and the TLS files under [orderer_options],
     # written and read back as a file, against a 1-member etcd that requires client

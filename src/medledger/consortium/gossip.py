@@ -193,7 +193,7 @@ class ConsortiumMonitor:
     peers: dict[str, PeerState] = field(default_factory=dict)
     members: int = 1
     halted_reason: str | None = None
-    phase: str = "starting"  # starting | catching-up | serving | stopping
+    phase: str = "starting"  # starting | catching-up | preparing | serving | stopping
     cosigned_height: int | None = None
     cosigned_by: list[str] = field(default_factory=list)
     clock: Callable[[], float] = time.time

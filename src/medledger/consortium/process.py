@@ -144,6 +144,7 @@ class NodeProcess:
         self._tasks: list[asyncio.Task[None]] = []
         self._servers: list[_Server] = []
         self._lock_fd: int | None = None
+        self._open = False  # every API listens (see run)
 
     # -- opening -----------------------------------------------------------------------
     async def open(self) -> None:
@@ -297,7 +298,7 @@ class NodeProcess:
         while True:
             try:
                 await node.start(self.cfg.orderer, **self.orderer_options)
-                self.monitor.phase = "serving"
+                self.monitor.phase = "serving" if self._open else "preparing"
                 log.info("ordering through %s from height %d", self.cfg.orderer, node.head.height)
                 return
             except ValueError as exc:  # make_orderer: the orderer URL or [orderer_options]
@@ -356,16 +357,14 @@ class NodeProcess:
 
     # -- serving -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set."""
+        """Serve until ``stop`` is set.
+
+        The peer API serves first (peers and catch-up need it); the node reports the phase
+        ``serving`` only once ordering runs, the record store is settled and the FHIR API
+        is listening, so whoever waits for that phase can use every API at once.
+        """
         assert self.peer_app is not None and self.gossip is not None
-        peer = _uvicorn(self.peer_app, self.cfg.peer, "peer")
-        self._servers.append(peer)
-        self._tasks.append(asyncio.create_task(peer.serve(), name="medledger-peer-api"))
-        while not peer.started:
-            if self._tasks[0].done():
-                await self._tasks[0]  # raises the bind error
-                raise MedledgerError(f"peer API did not start on {self.cfg.peer.listen}")
-            await asyncio.sleep(0.02)
+        await self._serve(_uvicorn(self.peer_app, self.cfg.peer, "peer"), "peer")
         log.info("peer API of %s on %s", self.cfg.org, self.cfg.peer.url)
         ordering = asyncio.create_task(self.start_ordering())
         waiter = asyncio.create_task(stop.wait())
@@ -381,15 +380,29 @@ class NodeProcess:
         if self.fhir_app is not None:
             await self._prepare_records()
         if self.fhir_app is not None:
-            api = _uvicorn(self.fhir_app, self.cfg.api, "api")
-            self._servers.append(api)
-            self._tasks.append(asyncio.create_task(api.serve(), name="medledger-fhir-api"))
+            await self._serve(_uvicorn(self.fhir_app, self.cfg.api, "api"), "FHIR")
             log.info("FHIR API of %s on %s/fhir", self.cfg.org, self.cfg.api.url)
+        self._open = True
+        if self.monitor.phase == "preparing":  # (not when the orderer failed meanwhile)
+            self.monitor.phase = "serving"
         print(
             json.dumps({"org": self.cfg.org, "ready": True, "peer": self.cfg.peer.url}),
             flush=True,
         )
         await waiter
+
+    async def _serve(self, server: _Server, name: str) -> None:
+        """Start ``server`` and return once it listens; its bind error if it cannot."""
+        self._servers.append(server)
+        task = asyncio.create_task(server.serve(), name=f"medledger-{name.lower()}-api")
+        self._tasks.append(task)
+        while not server.started:
+            if task.done():
+                await task  # raises the bind error
+                raise MedledgerError(
+                    f"the {name} API did not start on {server.config.host}:{server.config.port}"
+                )
+            await asyncio.sleep(0.02)
 
     async def _prepare_records(self) -> None:
         """Settle the record store before the FHIR API serves, as an embedded runtime does.
