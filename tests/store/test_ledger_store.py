@@ -707,6 +707,56 @@ def test_pg_presence_filters_grow_and_stay_exact(
         store.close()
 
 
+def test_presence_filter_grows_in_layers_without_false_negatives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pgstore, "BLOOM_MIN_CAPACITY", 1024)
+    f = pgstore._Presence(0)
+    keys = [b"state/%d" % i for i in range(31 * 1024)]  # five full layers: 1, 2, 4, 8, 16 K
+    for k in keys:
+        f.add(k)
+        f.add(k)  # a key written again is counted once
+    assert all(k in f for k in keys)
+    assert [layer.capacity for layer in f.layers][:5] == [1024, 2048, 4096, 8192, 16384]
+    assert len(f.layers) <= 6 and f.count <= len(keys)
+    # false positives, every layer full: the layers' rates add up to about 0.5 %
+    probes = 200_000
+    rate = sum(b"absent/%d" % i in f for i in range(probes)) / probes
+    assert 0.002 < rate < 0.0065, rate
+
+
+def test_pg_presence_filters_never_reload_their_table_as_they_grow(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A filter is read from its table once; it then grows with the writes. (Rebuilding
+    # it from the table when full paused the node for the whole read, every doubling.)
+    monkeypatch.setattr(pgstore, "BLOOM_MIN_CAPACITY", 16)
+    store = PostgresStore(pg_url)
+    loads: list[str] = []
+    load = store._load_filter
+
+    def counted(table: str) -> Any:
+        loads.append(table)
+        return load(table)
+
+    monkeypatch.setattr(store, "_load_filter", counted)
+    try:
+        assert store.get(b"nothing") is None and not store.has_tx(bytes(32))
+        index = 0
+        for h in range(30):  # 600 state keys and 300 transactions: many times 16
+            txs = [_tx(index + i, h) for i in range(10)]
+            index += 10
+            _commit(store, h, txs=txs, state={b"k/%d/%d" % (h, i): b"v" for i in range(20)})
+            assert store.get(b"k/%d/19" % h) == b"v" and store.has_tx(txs[-1].tx_id)
+        assert sorted(loads) == ["state", "txs"]
+        store.queries = 0
+        assert all(store.get(b"absent/%d" % i) is None for i in range(2000))
+        assert store.queries < 40
+        assert all(store.get(b"k/%d/%d" % (h, i)) == b"v" for h in range(30) for i in range(20))
+    finally:
+        store.close()
+
+
 def test_pg_concurrent_first_opens_create_the_schema_once(pg_url: str) -> None:
     errors: list[BaseException] = []
     stores: list[LedgerStore] = []
