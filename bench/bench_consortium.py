@@ -42,7 +42,7 @@ low per-request cost) shares the machine's cores with the nodes, etcd and the
 databases; (e) shows its own share.
 
 Run: ``.venv/bin/python bench/bench_consortium.py [--quick] [--sqlite] [--clients N]
-[--rates 0,2000] [--rate-batch 20] [--orderer-option max_wait=0.01]``.
+[--rates 0,2000] [--rate-batch 20] [--orderer-option max_wait=0.01] [--timeline F]``.
 """
 
 from __future__ import annotations
@@ -278,9 +278,12 @@ async def paced_loop(
     interval: float,
     offset: float,
     latencies: list[float],
+    timeline: list[tuple[float, str, float]] | None = None,
+    t0: float = 0.0,
 ) -> None:
     """Post a batch every ``interval`` seconds from ``offset`` (one in flight); latency
-    from the schedule."""
+    from the schedule. With ``timeline``, also (seconds from ``t0`` the batch was due,
+    ``url``, its latency) per batch."""
     start = time.perf_counter() + offset
     for i, first in enumerate(range(0, len(txs), batch)):
         due = start + i * interval
@@ -293,6 +296,8 @@ async def paced_loop(
         if not all(r["ok"] for r in results):
             raise RuntimeError("transactions rejected")
         latencies.extend([done - due] * len(chunk))
+        if timeline is not None:
+            timeline.append((due - t0, url, done - due))
 
 
 async def run_paced(
@@ -303,6 +308,7 @@ async def run_paced(
     batch: int,
     first_seq: int,
     meter: CpuMeter,
+    timeline: list[tuple[float, str, float]] | None = None,
 ) -> dict[str, Any]:
     network = layout["network"]
     per_node = min(len(keys[n["org"]]) for n in layout["nodes"])
@@ -324,7 +330,17 @@ async def run_paced(
         # load arrives as a steady stream, not as one burst of every client per interval
         await asyncio.gather(
             *(
-                paced_loop(http, url, txs, batch, interval, j * interval / len(work), latencies)
+                paced_loop(
+                    http,
+                    url,
+                    txs,
+                    batch,
+                    interval,
+                    j * interval / len(work),
+                    latencies,
+                    timeline,
+                    t0,
+                )
                 for j, (url, txs) in enumerate(work)
             )
         )
@@ -402,6 +418,12 @@ def main() -> None:
         metavar="NAME=NUMBER",
         help="an etcd orderer option for every node (e.g. max_wait=0.01); repeatable",
     )
+    parser.add_argument(
+        "--timeline",
+        type=Path,
+        help="write every paced batch as a JSON line (offered rate, seconds from the "
+        "phase's start it was due, node, latency in ms), to see when slow commits happen",
+    )
     args = parser.parse_args()
     rates = [float(r) for r in (args.rates or "0,2000").split(",")]
     options: dict[str, Any] = {}
@@ -447,6 +469,7 @@ def main() -> None:
             next_seq = per_client + 1
             for rate in rates:
                 rate = rate or round(res["tx_s"] / 2, -1)
+                timeline: list[tuple[float, str, float]] = []
                 got = asyncio.run(
                     run_paced(
                         layout,
@@ -456,8 +479,16 @@ def main() -> None:
                         args.rate_batch,
                         next_seq,
                         meter,
+                        timeline,
                     )
                 )
+                if args.timeline is not None:
+                    with args.timeline.open("a") as f:
+                        for due, url, latency in sorted(timeline):
+                            f.write(
+                                json.dumps([rate, round(due, 4), url, round(1000 * latency, 1)])
+                            )
+                            f.write("\n")
                 next_seq += int(got["per_client"])
                 h2 = asyncio.run(head_height(layout))
                 got["blocks"], h1 = h2 - h1, h2
