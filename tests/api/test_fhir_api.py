@@ -551,6 +551,47 @@ def test_search_parameters_and_paging(api: Api) -> None:
     outcome(api.get("Observation?date=2021-13-45&patient=" + pid, who), 400)
 
 
+def test_search_sorted_by_clinical_date_or_last_updated(api: Api) -> None:
+    pid = api.new_patient()
+    who = "system:lab"
+    # written in this order, taken on other days; one Observation has no date
+    when = {"a": "2021-03-01", "b": "2019-06-30", "c": "2023-01-15", "d": "2020-11-11"}
+    made = {k: api.observation(pid, when=f"{d}T08:00:00Z")["id"] for k, d in when.items()}
+    undated = lab_observation(pid)
+    del undated["effectiveDateTime"]
+    r = api.post("Observation", undated, who)
+    assert r.status_code == 201, r.text
+    made["none"] = r.json()["id"]
+    name = {v: k for k, v in made.items()}
+
+    def order(query: str) -> list[str]:
+        r = api.get(f"Observation?patient={pid}&{query}", who)
+        assert r.status_code == 200, r.text
+        return [name[o["id"]] for o in entries(r.json())]
+
+    assert order("_sort=-date") == ["c", "a", "d", "b", "none"]
+    assert order("_sort=date") == ["b", "d", "a", "c", "none"]
+    assert order("_sort=_lastUpdated") == ["a", "b", "c", "d", "none"]
+    assert order("_sort=-_lastUpdated") == order("") == ["none", "d", "c", "b", "a"]
+    assert order("_sort=-date&date=ge2020") == ["c", "a", "d"]
+    # the latest two results, then the next page through the link, which keeps the order
+    r = api.get(f"Observation?patient={pid}&_sort=-date&_count=2", who).json()
+    assert [name[o["id"]] for o in entries(r)] == ["c", "a"] and r["total"] == 5
+    links = {link["relation"]: link["url"] for link in r["link"]}
+    assert "_sort=-date" in links["next"]
+    page2 = api.http.get(links["next"], headers=api.headers(who)).json()
+    assert [name[o["id"]] for o in entries(page2)] == ["d", "b"]
+    # a key the type cannot sort by: 400 OperationOutcome, or ignored when lenient
+    for bad in ("code", "birthdate", "date,-_lastUpdated"):
+        outcome(api.get(f"Observation?patient={pid}&_sort={bad}", who), 400)
+    lenient = api.get(
+        f"Observation?patient={pid}&_sort=code", who, headers={"Prefer": "handling=lenient"}
+    )
+    assert lenient.status_code == 200 and lenient.json()["total"] == 5
+    patient = api.get(f"Patient?_id={pid}&_sort=-birthdate", "system:hospital")
+    assert patient.status_code == 200 and patient.json()["total"] == 1
+
+
 def test_a_patient_is_found_by_an_identifier_of_the_searching_organisation(
     api: Api, network_dir: Path
 ) -> None:

@@ -451,3 +451,32 @@ def test_pages_list_this_nodes_rows_then_the_records_held_elsewhere() -> None:
     assert _after_local(rows("l3"), 3, held, 2, 2) == (rows("l3", "r1"), 6)
     assert _after_local([], 3, held, 4, 2) == (rows("r2", "r3"), 6)
     assert _after_local([], 0, held, 3, 2) == ([], 3)
+
+
+def test_a_sorted_page_merges_this_nodes_rows_with_the_records_held_elsewhere() -> None:
+    from medledger.fhir.index import parse_search
+    from medledger.services.fhir import _merged
+
+    def row(rid: str, date: int | None, updated: int = 0) -> IndexEntry:
+        return IndexEntry(rid, "Observation", "p", "org-1", (), date, updated, 1, False)
+
+    # this node's first rows in the order asked for (-date), 3 of its 4 in all
+    local = [row("l1", 50, 7), row("l2", 30, 9), row("l3", 10, 8)]
+    held = [row("r1", 40), row("r2", None), row("r3", 60)]  # held elsewhere, ledger order
+    q = parse_search("Observation", [("patient", "p"), ("_sort", "-date"), ("_count", "3")])
+    page, total = _merged(local, 4, held, q)
+    assert [e.record for e in page] == ["r3", "l1", "r1"] and total == 7
+    q2 = parse_search(
+        "Observation", [("patient", "p"), ("_sort", "-date"), ("_count", "3"), ("_offset", "3")]
+    )
+    assert [e.record for e in _merged(local, 4, held, q2)[0]] == ["l2", "l3", "r2"]
+    # oldest first: rows without a date still come last
+    q3 = parse_search("Observation", [("patient", "p"), ("_sort", "date")])
+    assert [e.record for e in _merged(local[::-1], 4, held, q3)[0]] == [
+        "l3",
+        "l2",
+        "r1",
+        "l1",
+        "r3",
+        "r2",
+    ]

@@ -365,7 +365,8 @@ def test_unknown_parameters_400_unless_lenient() -> None:
         ("name", "Smith"),
         ("code:text", "glucose"),
         ("_include", "Observation:subject"),
-        ("_sort", "date"),
+        ("_sort", "code"),
+        ("_sort", "date,-_lastUpdated"),
     ):
         with pytest.raises(FhirError) as info:
             parse_search("Observation", [pair])
@@ -400,6 +401,35 @@ def test_ids_and_result_parameters() -> None:
     assert (q.date_ge, q.date_lt) == (ms(1920, 1, 1), ms(1921, 1, 1))
     with pytest.raises(FhirError):
         parse_search("Patient", [("code", "x")])
+
+
+def test_sort_by_last_updated_or_the_clinical_date() -> None:
+    assert (parse_search("Observation", []).sort, parse_search("Observation", []).order) == (
+        "",
+        "-updated",
+    )
+    cases = {
+        ("Observation", "-date"): "-date",
+        ("Observation", "date"): "date",
+        ("Observation", "_lastUpdated"): "updated",
+        ("Observation", "-_lastUpdated"): "-updated",
+        ("Patient", "-birthdate"): "-date",
+        ("MedicationRequest", "authoredon"): "date",
+        ("MedicationRequest", "-date"): "-date",
+        ("Condition", "onset-date"): "date",
+    }
+    for (rtype, value), order in cases.items():
+        q = parse_search(rtype, [("_sort", value), ("_count", "5")])
+        assert (q.sort, q.order) == (value, order)
+        # paging links keep the order
+        assert ("_sort", value) in q.link_params(offset=5)
+    for rtype, value in (("Patient", "date"), ("Observation", "birthdate"), (None, "date")):
+        with pytest.raises(FhirError) as info:
+            parse_search(rtype, [("_sort", value)])
+        assert info.value.code == "not-supported"
+    assert parse_search(None, [("_sort", "-_lastUpdated")]).order == "-updated"
+    with pytest.raises(FhirError):
+        parse_search("Observation", [("_sort", "date"), ("_sort", "-date")])
 
 
 def test_empty_values_are_ignored() -> None:

@@ -6,16 +6,19 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from medledger.errors import Conflict, StorageError
 from medledger.store.records import (
+    SEARCH_ORDERS,
     IndexEntry,
     RecordStore,
     RecordVersion,
     WrappedKey,
     open_record_store,
+    order_key,
 )
 
 T0 = 1_764_000_000_000
@@ -214,6 +217,32 @@ async def test_search_filters_order_and_paging(store: RecordStore) -> None:
     assert [e.record for e in page] == ["cond-1", "obs-03"] and total == 2
     with pytest.raises(StorageError):
         await store.search(resource_type=None, limit=-1)
+
+
+async def test_search_orders_by_last_updated_or_clinical_date(store: RecordStore) -> None:
+    day = 86_400_000
+    # dates out of step with the writes; two share a date; one has none
+    dates = {"o-a": 3, "o-b": 1, "o-c": 5, "o-d": 1, "o-e": None, "o-f": 4}
+    for i, (rid, d) in enumerate(dates.items()):
+        await put(store, version(rid, updated=T0 + i), date=None if d is None else T0 + d * day)
+
+    async def order(order: str, **kw: Any) -> list[str]:
+        page, total = await store.search(resource_type="Observation", order=order, **kw)
+        assert total == 6
+        return [e.record for e in page]
+
+    assert await order("-updated") == ["o-f", "o-e", "o-d", "o-c", "o-b", "o-a"]
+    assert await order("updated") == ["o-a", "o-b", "o-c", "o-d", "o-e", "o-f"]
+    # by date; ties newest last_updated first; no date last either way
+    assert await order("-date") == ["o-c", "o-f", "o-a", "o-d", "o-b", "o-e"]
+    assert await order("date") == ["o-d", "o-b", "o-a", "o-f", "o-c", "o-e"]
+    assert await order("-date", offset=2, limit=2) == ["o-a", "o-d"]
+    # the in-memory key sorts as the store does
+    every, _ = await store.search(resource_type="Observation")
+    for o in SEARCH_ORDERS:
+        assert [e.record for e in sorted(every, key=order_key(o))] == await order(o)
+    with pytest.raises(StorageError):
+        await store.search(resource_type="Observation", order="date; DROP TABLE rec_index")
 
 
 async def test_shred_patient_destroys_keys_and_ciphertexts(store: RecordStore) -> None:

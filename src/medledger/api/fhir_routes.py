@@ -184,6 +184,20 @@ def _search_parameters(rtype: str) -> list[dict[str, Any]]:
         if name not in ("_count", "_offset")
     ]
     if rtype in RECORD_TYPES:
+        dates = [
+            name
+            for name, (kind, target, _doc) in sorted(SEARCH_PARAMS.get(rtype, {}).items())
+            if (kind, target) == ("date", "date")
+        ]
+        params.append(
+            _query(
+                "_sort",
+                "Order of the results, one key: "
+                + ", ".join(["_lastUpdated", *dates])
+                + "; prefix - for newest first (default: -_lastUpdated). Results "
+                "without a date come last",
+            )
+        )
         params.append(
             _query(
                 "_elements",

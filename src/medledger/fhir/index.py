@@ -440,8 +440,9 @@ def _build_params() -> dict[str, dict[str, tuple[str, str, str]]]:
 
 
 #: Search parameters per supported type: name -> (FHIR type, what it maps to, documentation).
-#: ``_count``, ``_offset``, ``_sort=-_lastUpdated``, ``_total``, ``_format``, ``_pretty`` and
-#: ``_elements`` are accepted everywhere as result parameters.
+#: ``_count``, ``_offset``, ``_sort`` (``_lastUpdated`` or the type's clinical date, ``-`` for
+#: newest first), ``_total``, ``_format``, ``_pretty`` and ``_elements`` are accepted
+#: everywhere as result parameters.
 SEARCH_PARAMS: dict[str, dict[str, tuple[str, str, str]]] = _build_params()
 
 #: The result parameters (they shape the answer, they do not filter).
@@ -475,6 +476,8 @@ class SearchQuery:
     params: tuple[tuple[str, str], ...] = ()  # the filter parameters as given (for links)
     ignored: tuple[str, ...] = field(default=())  # names ignored under handling=lenient
     elements: tuple[str, ...] = ()  # _elements: the top-level elements to return (all: empty)
+    sort: str = ""  # _sort as given (empty: the natural order, newest _lastUpdated first)
+    order: str = "-updated"  # the order of the results: -updated, updated, -date or date
 
     @property
     def impossible(self) -> bool:
@@ -501,6 +504,7 @@ class SearchQuery:
         return [
             *self.params,
             *([("_elements", ",".join(self.elements))] if self.elements else []),
+            *([("_sort", self.sort)] if self.sort else []),
             ("_count", str(self.count if count is None else count)),
             ("_offset", str(self.offset if offset is None else offset)),
         ]
@@ -661,6 +665,7 @@ def parse_search(
     date_ge = date_lt = updated_ge = updated_lt = None
     count, offset = DEFAULT_COUNT, 0
     elements: tuple[str, ...] = ()
+    sort, order = "", "-updated"
     kept: list[tuple[str, str]] = []
     ignored: list[str] = []
     seen: set[str] = set()
@@ -695,8 +700,17 @@ def parse_search(
                     raise _bad(name, f"{bad[0]!r} is not an element name", "value")
                 elements = tuple(dict.fromkeys(names))
             elif name == "_sort":
-                if value not in ("-_lastUpdated",):
-                    reject(name, "only _sort=-_lastUpdated (the natural order) is supported")
+                key = _sort_order(allowed, value)
+                if key is None:
+                    dates = [n for n, spec in allowed.items() if spec[:2] == ("date", "date")]
+                    reject(
+                        name,
+                        "sorts by one of "
+                        + ", ".join(f"{k}, -{k}" for k in ["_lastUpdated", *dates])
+                        + " (one key)",
+                    )
+                else:
+                    sort, order = value, key
             elif name == "_total":
                 if value not in ("none", "estimate", "accurate"):
                     raise _bad(name, f"{value!r} is not none|estimate|accurate", "value")
@@ -748,7 +762,23 @@ def parse_search(
         params=tuple(kept),
         ignored=tuple(ignored),
         elements=elements,
+        sort=sort,
+        order=order,
     )
+
+
+def _sort_order(allowed: Mapping[str, tuple[str, str, str]], value: str) -> str | None:
+    """The store order (``-updated``, ``updated``, ``-date``, ``date``) of a ``_sort``
+    value: ``_lastUpdated`` or one of the type's clinical date parameters, ``-`` for
+    descending; None if it is none of those (or several keys)."""
+    name = value.removeprefix("-")
+    desc = "-" if value.startswith("-") else ""
+    if name == "_lastUpdated":
+        return desc + "updated"
+    spec = allowed.get(name)
+    if spec is not None and spec[:2] == ("date", "date"):
+        return desc + "date"
+    return None
 
 
 def search_links(

@@ -110,7 +110,7 @@ from medledger.services.records import (
 )
 from medledger.services.submitter import Submitter
 from medledger.state.base import StateReader
-from medledger.store.records import MAX_IDS, MAX_TOKENS, IndexEntry, RecordStore
+from medledger.store.records import MAX_IDS, MAX_TOKENS, IndexEntry, RecordStore, order_key
 
 __all__ = [
     "Auth",
@@ -211,6 +211,16 @@ def _patient_only(query: Any) -> bool:
         or query.updated_ge is not None
         or query.updated_lt is not None
     )
+
+
+def _merged(
+    head: list[IndexEntry], total: int, held: Sequence[IndexEntry], query: Any
+) -> tuple[list[IndexEntry], int]:
+    """The page ``query`` asks for of this node's first index rows (``head``, in the
+    query's order by clinical date, ``total`` in all) and ``held`` (rows of records held
+    elsewhere, dated from the ledger), sorted together in that order."""
+    rows = sorted([*head, *held], key=order_key(query.order))
+    return rows[query.offset : query.offset + query.count], total + len(held)
 
 
 def _after_local(
@@ -1050,7 +1060,22 @@ class FhirService:
             if _patient_only(query):
                 # records of the patient other members' nodes hold (clinical filters: local only)
                 held = await self.records.remote_entries(auth.caller, patient, (rtype,))
-                page, total = _after_local(page, total, held, query.offset, query.count)
+                if held and query.order in ("date", "-date"):
+                    # the order by clinical date holds across both: merge from the first
+                    # row (records held elsewhere have no last update known here: by that
+                    # order they follow this node's, as in the natural order)
+                    if query.offset + query.count > _SCAN_MAX:
+                        raise _err(
+                            400,
+                            "too-costly",
+                            f"a sorted search pages through at most {_SCAN_MAX} results",
+                            "_offset",
+                        )
+                    first = replace(query, offset=0, count=query.offset + query.count)
+                    page, total = await self._index_search(rtype, patient, first)
+                    page, total = _merged(page, total, held, query)
+                elif held:
+                    page, total = _after_local(page, total, held, query.offset, query.count)
         fetched, withheld = await self._fetch_many(auth, patient, page, (rtype,))
         records = [r for r in fetched if r.resource is not None]
         if withheld:
@@ -1068,6 +1093,7 @@ class FhirService:
             "updated_ge": query.updated_ge,
             "updated_lt": query.updated_lt,
             "ids": list(query.ids),
+            "order": query.order,
         }
         if len(query.ids) > MAX_IDS:
             raise _err(400, "too-costly", f"search at most {MAX_IDS} ids", "_id")

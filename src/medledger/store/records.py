@@ -75,6 +75,7 @@ from medledger.encoding import decode, encode
 from medledger.errors import Conflict, MedledgerError, StorageError
 
 __all__ = [
+    "SEARCH_ORDERS",
     "IndexEntry",
     "PostgresRecordStore",
     "RecordStore",
@@ -83,6 +84,7 @@ __all__ = [
     "StagedVersion",
     "WrappedKey",
     "open_record_store",
+    "order_key",
 ]
 
 T = TypeVar("T")
@@ -200,8 +202,10 @@ class RecordStore(Protocol):
         include_deleted: bool = False,
         offset: int = 0,
         limit: int = 100,
+        order: str = "-updated",
     ) -> tuple[list[IndexEntry], int]:
-        """``(page, total)`` of index rows, newest ``last_updated`` first, then by record.
+        """``(page, total)`` of index rows in ``order`` (one of :data:`SEARCH_ORDERS`):
+        by default newest ``last_updated`` first, then by record.
 
         ``tokens`` and ``ids`` match any of their values; a date bound excludes
         rows without a date. Returned tokens are sorted and deduplicated.
@@ -279,6 +283,36 @@ def _check_version(v: RecordVersion, keys: Sequence[WrappedKey], index: IndexEnt
     for k in keys:
         if (k.record, k.version) != (v.record, v.version):
             raise StorageError("a wrapped key must belong to the version being stored")
+
+
+#: The orders :meth:`RecordStore.search` returns rows in: by ``last_updated`` or by the
+#: clinical ``date``, newest first (``-``) or oldest first. Rows without a date come
+#: last either way; ties go newest ``last_updated`` first, then by record.
+SEARCH_ORDERS: dict[str, str] = {
+    "-updated": "i.last_updated DESC, i.record",
+    "updated": "i.last_updated ASC, i.record",
+    "-date": "(i.date IS NULL), i.date DESC, i.last_updated DESC, i.record",
+    "date": "(i.date IS NULL), i.date ASC, i.last_updated DESC, i.record",
+}
+
+
+def _order_sql(order: str) -> str:
+    try:
+        return SEARCH_ORDERS[order]
+    except KeyError:
+        raise StorageError(f"unknown search order {order!r}") from None
+
+
+def order_key(order: str) -> Callable[[IndexEntry], tuple[Any, ...]]:
+    """The sort key of :data:`SEARCH_ORDERS` ``order`` for entries in memory (to merge
+    rows from several sources in the order the store gives its own)."""
+    _order_sql(order)
+    if order == "-updated":
+        return lambda e: (-e.last_updated, e.record)
+    if order == "updated":
+        return lambda e: (e.last_updated, e.record)
+    sign = -1 if order == "-date" else 1
+    return lambda e: (e.date is None, sign * (e.date or 0), -e.last_updated, e.record)
 
 
 def _check_page(offset: int, limit: int, tokens: Sequence[bytes], ids: Sequence[str]) -> None:
@@ -1112,8 +1146,10 @@ class SqliteRecordStore:
         include_deleted: bool = False,
         offset: int = 0,
         limit: int = 100,
+        order: str = "-updated",
     ) -> tuple[list[IndexEntry], int]:
         _check_page(offset, limit, tokens, ids)
+        order_by = _order_sql(order)
         where, params = _search_sql(
             "?",
             resource_type=resource_type,
@@ -1138,7 +1174,7 @@ class SqliteRecordStore:
                 )
                 rows = db.execute(
                     f"SELECT {_INDEX_COLUMNS} FROM rec_index i WHERE {where} "
-                    "ORDER BY i.last_updated DESC, i.record LIMIT ? OFFSET ?",
+                    f"ORDER BY {order_by} LIMIT ? OFFSET ?",
                     [*params, limit, offset],
                 ).fetchall()
                 toks: dict[str, list[bytes]] = {}
@@ -1574,8 +1610,10 @@ class PostgresRecordStore:
         include_deleted: bool = False,
         offset: int = 0,
         limit: int = 100,
+        order: str = "-updated",
     ) -> tuple[list[IndexEntry], int]:
         _check_page(offset, limit, tokens, ids)
+        order_by = _order_sql(order)
         where, params = _search_sql(
             "%s",
             resource_type=resource_type,
@@ -1597,7 +1635,7 @@ class PostgresRecordStore:
             total = int(row[0])
             cur = await conn.execute(
                 f"SELECT {_INDEX_COLUMNS} FROM rec_index i WHERE {where} "
-                "ORDER BY i.last_updated DESC, i.record LIMIT %s OFFSET %s",
+                f"ORDER BY {order_by} LIMIT %s OFFSET %s",
                 [*params, limit, offset],
             )
             rows = await cur.fetchall()
