@@ -55,6 +55,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,20 @@ async def paced_loop(
             timeline.append((due - t0, url, done - due))
 
 
+def _sample_cpu(
+    meter: CpuMeter,
+    t0: float,
+    done: threading.Event,
+    out: list[tuple[float, dict[str, float]]],
+) -> None:
+    """Append (seconds from ``t0``, cores per role) for every second until ``done``."""
+    while not done.is_set():
+        second = CpuMeter(meter.dir, list(meter.databases))
+        second.start()
+        done.wait(1.0)
+        out.append((time.perf_counter() - t0, second.stop()))
+
+
 async def run_paced(
     layout: dict[str, Any],
     keys: dict[str, list[SigningKey]],
@@ -309,7 +324,10 @@ async def run_paced(
     first_seq: int,
     meter: CpuMeter,
     timeline: list[tuple[float, str, float]] | None = None,
+    cpu_each_second: list[tuple[float, dict[str, float]]] | None = None,
 ) -> dict[str, Any]:
+    """One paced phase; with ``cpu_each_second``, also the cores each role used in every
+    second of it (sampled by a thread, so the load generator's loop is not delayed)."""
     network = layout["network"]
     per_node = min(len(keys[n["org"]]) for n in layout["nodes"])
     clients = [  # node after node, so that consecutive start offsets go to different nodes
@@ -326,6 +344,13 @@ async def run_paced(
         print("paced phase starts", file=sys.stderr, flush=True)
         meter.start()
         t0 = time.perf_counter()
+        done = threading.Event()
+        sampler = None
+        if cpu_each_second is not None:
+            sampler = threading.Thread(
+                target=_sample_cpu, args=(meter, t0, done, cpu_each_second), daemon=True
+            )
+            sampler.start()
         # the clients' schedules are staggered evenly over the interval: the offered
         # load arrives as a steady stream, not as one burst of every client per interval
         await asyncio.gather(
@@ -346,6 +371,9 @@ async def run_paced(
         )
         elapsed = time.perf_counter() - t0
         cpu = meter.stop()
+        done.set()
+        if sampler is not None:
+            sampler.join()
     latencies.sort()
     n = len(latencies)
     return {
@@ -422,7 +450,9 @@ def main() -> None:
         "--timeline",
         type=Path,
         help="write every paced batch as a JSON line (offered rate, seconds from the "
-        "phase's start it was due, node, latency in ms), to see when slow commits happen",
+        "phase's start it was due, node, latency in ms), and the cores each role used in "
+        'every second of the phase (offered rate, seconds, "cpu", {role: cores}), to see '
+        "when slow commits happen and what the machine was doing",
     )
     args = parser.parse_args()
     rates = [float(r) for r in (args.rates or "0,2000").split(",")]
@@ -470,6 +500,9 @@ def main() -> None:
             for rate in rates:
                 rate = rate or round(res["tx_s"] / 2, -1)
                 timeline: list[tuple[float, str, float]] = []
+                cpu_each_second: list[tuple[float, dict[str, float]]] | None = (
+                    None if args.timeline is None else []
+                )
                 got = asyncio.run(
                     run_paced(
                         layout,
@@ -480,6 +513,7 @@ def main() -> None:
                         next_seq,
                         meter,
                         timeline,
+                        cpu_each_second,
                     )
                 )
                 if args.timeline is not None:
@@ -489,6 +523,9 @@ def main() -> None:
                                 json.dumps([rate, round(due, 4), url, round(1000 * latency, 1)])
                             )
                             f.write("\n")
+                        for at, cores in cpu_each_second or []:
+                            rounded = {role: round(c, 2) for role, c in cores.items()}
+                            f.write(json.dumps([rate, round(at, 2), "cpu", rounded]) + "\n")
                 next_seq += int(got["per_client"])
                 h2 = asyncio.run(head_height(layout))
                 got["blocks"], h1 = h2 - h1, h2
