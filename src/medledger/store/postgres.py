@@ -207,11 +207,12 @@ class _Presence:
         d = hashlib.blake2b(key, digest_size=16).digest()
         return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little") | 1
 
-    def add(self, key: bytes) -> None:
+    def add(self, key: bytes, *, new: bool = False) -> None:
         """Add ``key``, unless the filter already answers "present" for it (an updated
-        key is written again and again: counting it once keeps the layers few)."""
+        key is written again and again: counting it once keeps the layers few); ``new``
+        skips that check for keys known to be distinct (a table's, when it is loaded)."""
         h = self._hashes(key)
-        if any(h in layer for layer in reversed(self.layers)):
+        if not new and any(h in layer for layer in reversed(self.layers)):
             return
         layer = self.layers[-1]
         if layer.count >= layer.capacity:
@@ -365,7 +366,7 @@ class PostgresStore:
             f = _Presence(2 * int(row[0]) if row else 0)
             with conn.cursor(binary=True) as cur:
                 for (key,) in cur.stream(keys_sql, size=10_000):
-                    f.add(bytes(key))
+                    f.add(bytes(key), new=True)
             return f
 
         return self._call(f"load the {table} filter", load)
