@@ -592,6 +592,55 @@ def test_search_sorted_by_clinical_date_or_last_updated(api: Api) -> None:
     assert patient.status_code == 200 and patient.json()["total"] == 1
 
 
+def test_search_summary(api: Api) -> None:
+    pid = api.new_patient()
+    who = "system:lab"
+    body = lab_observation(pid)
+    body["text"] = {
+        "status": "generated",
+        "div": '<div xmlns="http://www.w3.org/1999/xhtml">HbA1c 5.9 %</div>',
+    }
+    r = api.post("Observation", body, who)
+    assert r.status_code == 201, r.text
+    api.observation(pid, when="2022-05-05T08:00:00Z")
+    whole = {o["id"]: o for o in entries(api.get(f"Observation?patient={pid}", who).json())}
+
+    # count: the total only, no resource read; still one decision, logged, with no records
+    before = len(api.audit(pid))
+    r = api.get(f"Observation?patient={pid}&_summary=count", who)
+    assert r.status_code == 200, r.text
+    bundle = r.json()
+    assert bundle["total"] == 2 and not bundle.get("entry")
+    feed = api.audit(pid)
+    assert len(feed) == before + 1 and feed[-1]["records"] == []
+    assert feed[-1]["outcome"] == "permit"
+    assert "_summary=count" in {x["relation"]: x["url"] for x in bundle["link"]}["self"]
+
+    def summary(value: str) -> dict[str, dict[str, Any]]:
+        r = api.get(f"Observation?patient={pid}&_summary={value}", who)
+        assert r.status_code == 200, r.text
+        return {o["id"]: o for o in entries(r.json())}
+
+    subsetted = {"system": SUBSETTED["system"], "code": SUBSETTED["code"]}
+    for oid, o in summary("true").items():
+        # Observation's summary elements: not category, text, referenceRange...
+        assert {"code", "status", "subject", "valueQuantity", "effectiveDateTime"} <= set(o)
+        assert not {"category", "text"} & set(o)
+        assert subsetted in o["meta"]["tag"] and o["code"] == whole[oid]["code"]
+    for oid, o in summary("text").items():
+        assert set(o) - {"resourceType", "id", "meta", "text"} == {"code", "status"}
+        assert ("text" in o) == ("text" in whole[oid])
+    for oid, o in summary("data").items():
+        assert "text" not in o and o["category"] == whole[oid]["category"]
+        assert subsetted in o["meta"]["tag"]
+    assert summary("false") == whole
+    outcome(api.get(f"Observation?patient={pid}&_summary=brief", who), 400)
+    outcome(api.get(f"Observation?patient={pid}&_summary=true&_elements=code", who), 400)
+    # a count the decision refuses is refused like the search
+    e = api.get(f"Condition?patient={pid}&_summary=count", "practitioner:dr-clinic")
+    outcome(e, 403)
+
+
 def test_a_patient_is_found_by_an_identifier_of_the_searching_organisation(
     api: Api, network_dir: Path
 ) -> None:

@@ -432,6 +432,35 @@ def test_sort_by_last_updated_or_the_clinical_date() -> None:
         parse_search("Observation", [("_sort", "date"), ("_sort", "-date")])
 
 
+def test_summary_values_and_what_each_keeps() -> None:
+    from medledger.fhir.validate import summary_elements
+
+    assert parse_search("Observation", [("_summary", "count"), ("_count", "20")]).count == 0
+    q = parse_search("Observation", [("_summary", "true")])
+    assert q.summary == "true" and ("_summary", "true") in q.link_params()
+    assert parse_search("Observation", [("_summary", "false")]).summary == ""
+    for bad in ("yes", "TRUE", "count,true"):
+        with pytest.raises(FhirError) as info:
+            parse_search("Observation", [("_summary", bad)], lenient=True)
+        assert info.value.status == 400
+    with pytest.raises(FhirError):
+        parse_search("Observation", [("_summary", "data"), ("_elements", "code")])
+    summary, required = summary_elements("Patient")
+    assert {"name", "birthDate", "gender", "identifier", "active"} <= summary
+    assert not {"text", "contact", "communication", "photo"} & summary and required == set()
+    summary, required = summary_elements("Observation")
+    assert {"valueQuantity", "valueString", "effectiveDateTime", "code"} <= summary
+    assert required == {"status", "code"} and "category" not in summary
+    patient = {"resourceType": "Patient", "id": "p", "text": {"div": "x"}, "gender": "female"}
+    patient["photo"] = [{"contentType": "image/png"}]
+    out = parse_search("Patient", [("_summary", "true")]).subset(patient)
+    assert set(out) == {"resourceType", "id", "gender", "meta"}
+    out = parse_search("Patient", [("_summary", "text")]).subset(patient)
+    assert set(out) == {"resourceType", "id", "text", "meta"}
+    assert "text" not in parse_search("Patient", [("_summary", "data")]).subset(patient)
+    assert parse_search("Patient", []).subset(patient) is patient
+
+
 def test_empty_values_are_ignored() -> None:
     q = parse_search("Observation", [("code", ""), ("date", "")])
     assert q.codes == () and q.date_ge is None

@@ -200,6 +200,15 @@ def _search_parameters(rtype: str) -> list[dict[str, Any]]:
         )
         params.append(
             _query(
+                "_summary",
+                "count: the total only (no resource is read; the search is decided and "
+                "logged); true: the summary elements; text: the narrative and the required "
+                "elements; data: all but the narrative; false: whole resources. Subsetted "
+                "results carry the SUBSETTED tag. Not with _elements",
+            )
+        )
+        params.append(
+            _query(
                 "_elements",
                 "Top-level elements to return, comma-separated (e.g. code,value): the "
                 "results carry those, their id and meta, and the SUBSETTED tag",

@@ -38,7 +38,7 @@ from urllib.parse import urlencode
 from medledger.contracts.records_v1 import PUBLIC_CATEGORIES
 from medledger.fhir.dates import parse_range
 from medledger.fhir.outcome import FhirError
-from medledger.fhir.validate import KNOWN_TYPES, SUPPORTED_TYPES, codings
+from medledger.fhir.validate import KNOWN_TYPES, SUPPORTED_TYPES, codings, summary_elements
 
 __all__ = [
     "DEFAULT_COUNT",
@@ -447,8 +447,10 @@ SEARCH_PARAMS: dict[str, dict[str, tuple[str, str, str]]] = _build_params()
 
 #: The result parameters (they shape the answer, they do not filter).
 RESULT_PARAMS = frozenset(
-    {"_count", "_offset", "_sort", "_total", "_format", "_pretty", "_elements"}
+    {"_count", "_offset", "_sort", "_total", "_format", "_pretty", "_elements", "_summary"}
 )
+#: ``_summary`` values (FHIR search 3.1.1.5.8)
+SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 _ELEMENT_RE = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
 #: the tag a resource trimmed by ``_elements`` carries (FHIR search 3.1.1.5.10)
 SUBSETTED = {
@@ -477,6 +479,7 @@ class SearchQuery:
     ignored: tuple[str, ...] = field(default=())  # names ignored under handling=lenient
     elements: tuple[str, ...] = ()  # _elements: the top-level elements to return (all: empty)
     sort: str = ""  # _sort as given (empty: the natural order, newest _lastUpdated first)
+    summary: str = ""  # _summary (SUMMARY_VALUES; empty: whole resources)
     order: str = "-updated"  # the order of the results: -updated, updated, -date or date
 
     @property
@@ -505,23 +508,35 @@ class SearchQuery:
             *self.params,
             *([("_elements", ",".join(self.elements))] if self.elements else []),
             *([("_sort", self.sort)] if self.sort else []),
+            *([("_summary", self.summary)] if self.summary else []),
             ("_count", str(self.count if count is None else count)),
             ("_offset", str(self.offset if offset is None else offset)),
         ]
 
     def subset(self, resource: dict[str, Any]) -> dict[str, Any]:
         """``resource`` with only the ``_elements`` asked for (a choice element such as
-        ``value`` keeps ``valueQuantity``), its id and meta, tagged SUBSETTED."""
-        if not self.elements:
+        ``value`` keeps ``valueQuantity``), its id and meta, tagged SUBSETTED; or the part
+        ``_summary`` asks for: ``true`` the summary elements, ``text`` the narrative and the
+        required elements, ``data`` all but the narrative (top-level elements, as the
+        specification of the type marks them)."""
+        if self.summary in ("true", "text"):
+            summary, required = summary_elements(str(resource.get("resourceType")))
+            keep = summary if self.summary == "true" else required | {"text"}
+            out = {k: v for k, v in resource.items() if k in ("resourceType", "id") or k in keep}
+        elif self.summary == "data":
+            out = {k: v for k, v in resource.items() if k != "text"}
+        elif self.elements:
+
+            def wanted(key: str) -> bool:
+                return any(
+                    key == name
+                    or (key.startswith(name) and key[len(name) : len(name) + 1].isupper())
+                    for name in self.elements
+                )
+
+            out = {k: v for k, v in resource.items() if k in ("resourceType", "id") or wanted(k)}
+        else:
             return resource
-
-        def wanted(key: str) -> bool:
-            return any(
-                key == name or (key.startswith(name) and key[len(name) : len(name) + 1].isupper())
-                for name in self.elements
-            )
-
-        out = {k: v for k, v in resource.items() if k in ("resourceType", "id") or wanted(k)}
         meta = dict(resource.get("meta") or {})
         meta["tag"] = [*(meta.get("tag") or []), dict(SUBSETTED)]
         out["meta"] = meta
@@ -666,6 +681,7 @@ def parse_search(
     count, offset = DEFAULT_COUNT, 0
     elements: tuple[str, ...] = ()
     sort, order = "", "-updated"
+    summary = ""
     kept: list[tuple[str, str]] = []
     ignored: list[str] = []
     seen: set[str] = set()
@@ -711,6 +727,10 @@ def parse_search(
                     )
                 else:
                     sort, order = value, key
+            elif name == "_summary":
+                if value not in SUMMARY_VALUES:
+                    raise _bad(name, f"{value!r} is not {'|'.join(SUMMARY_VALUES)}", "value")
+                summary = "" if value == "false" else value
             elif name == "_total":
                 if value not in ("none", "estimate", "accurate"):
                     raise _bad(name, f"{value!r} is not none|estimate|accurate", "value")
@@ -747,6 +767,10 @@ def parse_search(
         elif target == "_lastUpdated":
             updated_ge, updated_lt = _tighten(updated_ge, updated_lt, _date_bounds(name, value))
         kept.append((raw_name, value))
+    if summary and elements:
+        raise _bad("_summary", "cannot be combined with _elements", "not-supported")
+    if summary == "count":
+        count = 0  # the total only: one logged decision, no record read
     return SearchQuery(
         resource_type=resource_type,
         ids=ids,
@@ -764,6 +788,7 @@ def parse_search(
         elements=elements,
         sort=sort,
         order=order,
+        summary=summary,
     )
 
 

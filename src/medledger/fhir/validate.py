@@ -115,6 +115,27 @@ def model_class(resource_type: str) -> Any:
     return cls
 
 
+@cache
+def summary_elements(resource_type: str) -> tuple[frozenset[str], frozenset[str]]:
+    """(the top-level elements the FHIR specification marks as summary elements, the
+    top-level elements it requires) of ``resource_type``, as JSON names (a choice
+    element by each of its names, e.g. ``valueQuantity``), from the R4B model."""
+    model = model_class(resource_type)
+    summary: set[str] = set()
+    required: set[str] = set()
+    if model is not None:
+        for name, info in model.model_fields.items():
+            extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+            if not extra.get("element_property"):
+                continue
+            json_name = info.alias or name
+            if extra.get("summary_element_property"):
+                summary.add(json_name)
+            if info.is_required() or extra.get("element_required"):
+                required.add(json_name)
+    return frozenset(summary), frozenset(required)
+
+
 def load_models(types: Iterable[str]) -> None:
     """Import the models of ``types`` now (e.g. before forking worker processes)."""
     for rtype in types:
