@@ -451,10 +451,16 @@ def test_summary_values_and_what_each_keeps() -> None:
     summary, required = summary_elements("Observation")
     assert {"valueQuantity", "valueString", "effectiveDateTime", "code"} <= summary
     assert required == {"status", "code"} and "category" not in summary
+    # a required choice counts by each of its names
+    assert {"medicationCodeableConcept", "medicationReference"} <= summary_elements(
+        "MedicationRequest"
+    )[1]
     patient = {"resourceType": "Patient", "id": "p", "text": {"div": "x"}, "gender": "female"}
     patient["photo"] = [{"contentType": "image/png"}]
+    patient["_gender"] = {"extension": [{"url": "urn:x", "valueString": "y"}]}
     out = parse_search("Patient", [("_summary", "true")]).subset(patient)
-    assert set(out) == {"resourceType", "id", "gender", "meta"}
+    assert set(out) == {"resourceType", "id", "gender", "_gender", "meta"}
+    assert "_gender" in parse_search("Patient", [("_elements", "gender")]).subset(patient)
     out = parse_search("Patient", [("_summary", "text")]).subset(patient)
     assert set(out) == {"resourceType", "id", "text", "meta"}
     assert "text" not in parse_search("Patient", [("_summary", "data")]).subset(patient)

@@ -522,12 +522,17 @@ class SearchQuery:
         if self.summary in ("true", "text"):
             summary, required = summary_elements(str(resource.get("resourceType")))
             keep = summary if self.summary == "true" else required | {"text"}
-            out = {k: v for k, v in resource.items() if k in ("resourceType", "id") or k in keep}
+            out = {
+                k: v
+                for k, v in resource.items()
+                if k in ("resourceType", "id") or k.removeprefix("_") in keep  # _x: x's extensions
+            }
         elif self.summary == "data":
             out = {k: v for k, v in resource.items() if k != "text"}
         elif self.elements:
 
             def wanted(key: str) -> bool:
+                key = key.removeprefix("_")  # _x: the extensions of primitive element x
                 return any(
                     key == name
                     or (key.startswith(name) and key[len(name) : len(name) + 1].isupper())

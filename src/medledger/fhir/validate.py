@@ -131,7 +131,11 @@ def summary_elements(resource_type: str) -> tuple[frozenset[str], frozenset[str]
             json_name = info.alias or name
             if extra.get("summary_element_property"):
                 summary.add(json_name)
-            if info.is_required() or extra.get("element_required"):
+            if (
+                info.is_required()
+                or extra.get("element_required")
+                or extra.get("one_of_many_required")  # a required choice: each of its names
+            ):
                 required.add(json_name)
     return frozenset(summary), frozenset(required)
 
