@@ -641,6 +641,69 @@ def test_search_summary(api: Api) -> None:
     outcome(e, 403)
 
 
+def test_search_include_the_patient_and_revinclude_the_patients_records(api: Api) -> None:
+    pid = api.new_patient()
+    staff = "system:hospital"
+    obs = [api.observation(pid, "hospital", when=f"202{i}-01-01T08:00:00Z")["id"] for i in range(3)]
+
+    def search(query: str, who: str = staff) -> dict[str, Any]:
+        r = api.get(query, who)
+        assert r.status_code == 200, r.text
+        bundle: dict[str, Any] = r.json()
+        return bundle
+
+    def ids(bundle: dict[str, Any], mode: str) -> list[str]:
+        return [f"{e['resourceType']}/{e['id']}" for e in entries(bundle, mode)]
+
+    before = len(api.audit(pid))
+    b = search(f"Observation?patient={pid}&_count=2&_include=Observation:patient")
+    assert len(ids(b, "match")) == 2 and b["total"] == 3
+    assert ids(b, "include") == [f"Patient/{pid}"]
+    feed = api.audit(pid)
+    # the search and the include: two decisions, each logged with what it read
+    assert len(feed) == before + 2 and feed[-1]["records"] == [pid]
+    assert "_include=Observation%3Apatient" in {x["relation"]: x["url"] for x in b["link"]}["next"]
+    b = search(f"Observation?patient={pid}&_include=Observation:subject:Patient")
+    assert ids(b, "include") == [f"Patient/{pid}"]
+    # no match, nothing included (and nothing more read)
+    before = len(api.audit(pid))
+    b = search(f"Observation?patient={pid}&code=0000-0&_include=Observation:patient")
+    assert ids(b, "include") == [] and len(api.audit(pid)) == before + 1
+
+    b = search(f"Patient?_id={pid}&_revinclude=Observation:patient&_revinclude=Condition:subject")
+    assert ids(b, "match") == [f"Patient/{pid}"]
+    assert sorted(ids(b, "include")) == sorted(f"Observation/{o}" for o in obs)
+
+    # a practitioner the patient's consent lets see Observations only: the Patient
+    # resource is withheld from the include, with a warning, and the denial is logged
+    consent = consent_resource(pid, "clinic", ["Observation"])
+    r = api.post("Consent", consent, f"patient:{pid}", "patient/*.cruds")
+    assert r.status_code == 201, r.text
+    b = search(f"Observation?patient={pid}&_include=Observation:patient", "practitioner:dr-clinic")
+    assert len(ids(b, "match")) == 3 and ids(b, "include") == []
+    (warning,) = entries(b, "outcome")
+    assert "Patient" in warning["issue"][0]["diagnostics"]
+    assert api.audit(pid)[-1]["outcome"] == "deny"
+
+    # unsupported forms: 400 (or ignored under handling=lenient)
+    for bad in (
+        f"Observation?patient={pid}&_include=Observation:encounter",
+        f"Observation?patient={pid}&_include=Condition:patient",
+        f"Observation?patient={pid}&_include=Observation:patient:Group",
+        f"Observation?patient={pid}&_revinclude=Observation:patient",
+        f"Observation?patient={pid}&_include:iterate=Observation:patient",
+        f"Patient?_id={pid}&_revinclude=Patient:patient",
+        f"Patient?_id={pid}&_include=Patient:patient",
+    ):
+        outcome(api.get(bad, staff), 400)
+    lenient = api.get(
+        f"Observation?patient={pid}&_include=Observation:encounter",
+        staff,
+        headers={"Prefer": "handling=lenient"},
+    )
+    assert lenient.status_code == 200 and entries(lenient.json(), "include") == []
+
+
 def test_a_patient_is_found_by_an_identifier_of_the_searching_organisation(
     api: Api, network_dir: Path
 ) -> None:

@@ -279,6 +279,16 @@ def test_a_practitioner_reads_a_record_held_by_another_nodes_organisation(xnet: 
     )
     assert r.status_code == 200, r.text
     assert [e["resource"]["id"] for e in r.json()["entry"]] == [oid]
+    # with the Patient the results are about, read from org-1 too (a second decision)
+    r = httpx.get(
+        f"{b}/Observation",
+        params={"patient": pid, "_include": "Observation:patient"},
+        headers=phys,
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    modes = [(e["search"]["mode"], e["resource"]["id"]) for e in r.json()["entry"]]
+    assert modes == [("match", oid), ("include", pid)]
     # clinical filters search this node's index only (org-2 holds nothing of the patient)
     code = "http://loinc.org|4548-4"
     r = httpx.get(
@@ -287,7 +297,7 @@ def test_a_practitioner_reads_a_record_held_by_another_nodes_organisation(xnet: 
     assert r.status_code == 200 and r.json()["total"] == 0
     converge(x)
     entries = [e for e in audit(x, "org-1", pid) if e["actor"] == "phys-b"]
-    assert [e["org"] for e in entries] == ["org-2"] * 6  # org-1 logged none of these
+    assert [e["org"] for e in entries] == ["org-2"] * 8  # org-1 logged none of these
 
     # the patient's custodian checks org-2's reads with medledger.client, trusting no single
     # node: checkpoints co-signed by both members, each entry proved in the shared log

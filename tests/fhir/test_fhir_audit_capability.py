@@ -177,6 +177,14 @@ def test_capability_statement_tells_the_truth() -> None:
         for p in res.get("searchParam", []):
             value = {"token": "x", "reference": "Patient/p", "date": "2020"}[p["type"]]
             parse_search(rtype, [(p["name"], "a" if p["name"] == "_id" else value)])
+        # and every advertised _include / _revinclude too
+        for value in res.get("searchInclude", []):
+            assert parse_search(rtype, [("_include", value)]).include == (value,)
+        for value in res.get("searchRevInclude", []):
+            assert parse_search(rtype, [("_revinclude", value)]).revinclude == (value,)
+    assert by_type["Observation"]["searchInclude"] == ["Observation:patient", "Observation:subject"]
+    assert "Observation:patient" in by_type["Patient"]["searchRevInclude"]
+    assert "searchInclude" not in by_type["Consent"] and "searchInclude" not in by_type["Patient"]
 
 
 def test_capability_interactions_can_be_overridden() -> None:

@@ -364,7 +364,7 @@ def test_unknown_parameters_400_unless_lenient() -> None:
     for pair in (
         ("name", "Smith"),
         ("code:text", "glucose"),
-        ("_include", "Observation:subject"),
+        ("_include", "Observation:encounter"),
         ("_sort", "code"),
         ("_sort", "date,-_lastUpdated"),
     ):
@@ -465,6 +465,44 @@ def test_summary_values_and_what_each_keeps() -> None:
     assert set(out) == {"resourceType", "id", "text", "meta"}
     assert "text" not in parse_search("Patient", [("_summary", "data")]).subset(patient)
     assert parse_search("Patient", []).subset(patient) is patient
+
+
+def test_include_the_patient_and_revinclude_on_patient_searches() -> None:
+    q = parse_search(
+        "Observation",
+        [
+            ("patient", "p1"),
+            ("_include", "Observation:patient"),
+            ("_include", "Observation:patient"),
+        ],
+    )
+    assert q.include == ("Observation:patient",) and q.revinclude == ()
+    assert ("_include", "Observation:patient") in q.link_params(offset=10)
+    assert parse_search("Condition", [("_include", "Condition:subject:Patient")]).include
+    q = parse_search(
+        "Patient",
+        [
+            ("_id", "p1"),
+            ("_revinclude", "Observation:patient"),
+            ("_revinclude", "Condition:subject"),
+        ],
+    )
+    assert q.revinclude_types == ("Observation", "Condition")
+    for rtype, name, value in (
+        ("Observation", "_include", "Observation:encounter"),
+        ("Observation", "_include", "Condition:patient"),
+        ("Observation", "_include", "Observation:patient:Group"),
+        ("Observation", "_include", "Observation"),
+        ("Observation", "_revinclude", "Observation:patient"),
+        ("Patient", "_include", "Patient:patient"),
+        ("Patient", "_revinclude", "Patient:patient"),
+        ("Patient", "_revinclude", "Nope:patient"),
+        ("Observation", "_include:iterate", "Observation:patient"),
+    ):
+        with pytest.raises(FhirError) as info:
+            parse_search(rtype, [(name, value)])
+        assert (info.value.status, info.value.code) == (400, "not-supported"), value
+        assert parse_search(rtype, [(name, value)], lenient=True).ignored == (name,)
 
 
 def test_empty_values_are_ignored() -> None:

@@ -198,6 +198,23 @@ def _search_parameters(rtype: str) -> list[dict[str, Any]]:
                 "without a date come last",
             )
         )
+        if rtype == "Patient":
+            params.append(
+                _query(
+                    "_revinclude",
+                    "<type>:patient (or :subject): also the patient's records of that type, "
+                    "at most 100 a type, search mode include (repeatable); read with one more "
+                    "access decision, logged",
+                )
+            )
+        else:
+            params.append(
+                _query(
+                    "_include",
+                    f"{rtype}:patient (or :subject): also the Patient the results are about, "
+                    "search mode include; read with one more access decision, logged",
+                )
+            )
         params.append(
             _query(
                 "_summary",

@@ -116,6 +116,17 @@ def capability_statement(
                 {"name": name, "type": kind, "documentation": doc}
                 for name, (kind, _target, doc) in sorted(params.items())
             ]
+            if rtype == "Patient":
+                res["searchRevInclude"] = [
+                    f"{t}:{p}"
+                    for t in sorted(promised)
+                    if "search-type" in promised[t]
+                    and t not in ("Patient", "Consent", "AuditEvent")
+                    for p in ("patient", "subject")
+                    if p in SEARCH_PARAMS.get(t, {})
+                ]
+            elif rtype not in ("Consent", "AuditEvent") and "patient" in params:
+                res["searchInclude"] = [f"{rtype}:patient", f"{rtype}:subject"]
         ops = [
             {"name": name, "definition": _canonical(base, definition), "documentation": doc}
             for t, name, definition, doc in OPERATIONS

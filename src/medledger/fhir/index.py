@@ -480,6 +480,8 @@ class SearchQuery:
     elements: tuple[str, ...] = ()  # _elements: the top-level elements to return (all: empty)
     sort: str = ""  # _sort as given (empty: the natural order, newest _lastUpdated first)
     summary: str = ""  # _summary (SUMMARY_VALUES; empty: whole resources)
+    include: tuple[str, ...] = ()  # _include values as given (all name the Patient)
+    revinclude: tuple[str, ...] = ()  # _revinclude values as given (Patient searches)
     order: str = "-updated"  # the order of the results: -updated, updated, -date or date
 
     @property
@@ -509,9 +511,16 @@ class SearchQuery:
             *([("_elements", ",".join(self.elements))] if self.elements else []),
             *([("_sort", self.sort)] if self.sort else []),
             *([("_summary", self.summary)] if self.summary else []),
+            *(("_include", v) for v in self.include),
+            *(("_revinclude", v) for v in self.revinclude),
             ("_count", str(self.count if count is None else count)),
             ("_offset", str(self.offset if offset is None else offset)),
         ]
+
+    @property
+    def revinclude_types(self) -> tuple[str, ...]:
+        """The resource types ``_revinclude`` asks for (each once, in the order given)."""
+        return tuple(dict.fromkeys(v.split(":", 1)[0] for v in self.revinclude))
 
     def subset(self, resource: dict[str, Any]) -> dict[str, Any]:
         """``resource`` with only the ``_elements`` asked for (a choice element such as
@@ -687,6 +696,8 @@ def parse_search(
     elements: tuple[str, ...] = ()
     sort, order = "", "-updated"
     summary = ""
+    include: list[str] = []
+    revinclude: list[str] = []
     kept: list[tuple[str, str]] = []
     ignored: list[str] = []
     seen: set[str] = set()
@@ -703,6 +714,16 @@ def parse_search(
         if value == "":
             continue
         name, _, modifier = raw_name.partition(":")
+        if name in ("_include", "_revinclude"):
+            if modifier:
+                reject(raw_name, f"modifier :{modifier} is not supported (no iteration)")
+                continue
+            problem = _inclusion_problem(name, resource_type, value)
+            if problem:
+                reject(name, problem)
+                continue
+            (include if name == "_include" else revinclude).append(value)
+            continue
         if name in RESULT_PARAMS:
             if modifier:
                 reject(raw_name, "modifiers are not supported on result parameters")
@@ -794,7 +815,33 @@ def parse_search(
         sort=sort,
         order=order,
         summary=summary,
+        include=tuple(dict.fromkeys(include)),
+        revinclude=tuple(dict.fromkeys(revinclude)),
     )
+
+
+def _inclusion_problem(name: str, resource_type: str | None, value: str) -> str | None:
+    """Why an ``_include`` or ``_revinclude`` value is not supported (None if it is).
+
+    Supported: ``_include=<type>:patient`` (or ``:subject``, with or without the target
+    ``:Patient``), the Patient the results are about; and on Patient searches
+    ``_revinclude=<type>:patient`` (or ``:subject``), that patient's records of the type.
+    """
+    parts = value.split(":")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "Patient"):
+        return "takes <type>:<parameter>[:Patient]"
+    source, param = parts[0], parts[1]
+    if param not in _PATIENT_PARAMS:
+        return "includes follow patient (or subject) only"
+    if name == "_include":
+        if source != resource_type or resource_type == "Patient":
+            return f"includes the Patient of a search of a type other than Patient ({value!r})"
+        return None
+    if resource_type != "Patient":
+        return "is supported on Patient searches"
+    if source == "Patient" or param not in SEARCH_PARAMS.get(source, {}):
+        return f"{source} has no search parameter {param!r}"
+    return None
 
 
 def _sort_order(allowed: Mapping[str, tuple[str, str, str]], value: str) -> str | None:

@@ -130,6 +130,7 @@ RECORD_TYPES: frozenset[str] = SUPPORTED_TYPES - {"Consent", "AuditEvent"}
 MAX_PAGE = 100
 DEFAULT_PAGE = 20
 _EVERYTHING_PAGE = MAX_RECORDS  # one page of $everything is one access.log entry
+_INCLUDE_MAX = 100  # resources of one type _revinclude adds to a page
 _SCAN_MAX = 5000  # most index rows read to AND two token filters / rank duplicate checks
 _INTERACTIONS = {"c": "create", "r": "read", "u": "update", "d": "delete", "s": "search"}
 
@@ -1039,7 +1040,68 @@ class FhirService:
         records, total, withheld = await self._search(auth, rtype, query)
         resources = [query.subset(self._present(r)) for r in records]
         links = search_links(self.base_url, query, total)
-        return self._searchset(resources, total, links, withheld)
+        included: list[dict[str, Any]] = []
+        notes: list[dict[str, Any]] = []
+        if records and (query.include or query.revinclude):
+            included, notes = await self._included(auth, records[0].patient, query)
+        return self._searchset(resources, total, links, withheld, notes, included)
+
+    async def _included(
+        self, auth: Auth, patient: str, query: Any
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The resources ``_include`` (the Patient) and ``_revinclude`` (the patient's
+        records of the types named, at most :data:`_INCLUDE_MAX` each, from every
+        custodian) add to a page of results about ``patient``, and warnings.
+
+        They are read with one more access decision, logged like any read; what it does
+        not permit is left out with a warning, as are records past the limit."""
+        types = (("Patient",) if query.include else ()) + query.revinclude_types
+        for t in types:
+            auth.require(t, "s")
+        entries: list[IndexEntry] = []
+        notes: list[dict[str, Any]] = []
+        for t in types:
+            if t == "Patient":
+                found, _ = await self.store.search(resource_type=t, ids=[patient], limit=1)
+            else:
+                found, _ = await self.store.search(
+                    resource_type=t, patient=patient, limit=_INCLUDE_MAX + 1
+                )
+            held = await self.records.remote_entries(auth.caller, patient, (t,))
+            if t == "Patient":
+                held = [e for e in held if e.record == patient]
+            rows = [*found, *held]
+            if len(rows) > _INCLUDE_MAX:
+                rows = rows[:_INCLUDE_MAX]
+                notes.append(
+                    operation_outcome(
+                        200,
+                        f"_revinclude: only the first {_INCLUDE_MAX} {t} resources are "
+                        f"included; search {t}?patient=Patient/{patient} for all of them",
+                        code="too-costly",
+                        severity="warning",
+                    )
+                )
+            entries.extend(rows)
+        if not entries:
+            return [], notes
+        try:
+            fetched, withheld = await self._fetch_many(auth, patient, entries, types)
+        except FhirError as exc:
+            if exc.status != 403:
+                raise
+            fetched, withheld = [], list(types)
+        if withheld:
+            notes.append(
+                operation_outcome(
+                    200,
+                    f"included resources of type {', '.join(sorted(withheld))} were withheld: "
+                    "the access decision did not permit them",
+                    code="suppressed",
+                    severity="warning",
+                )
+            )
+        return [self._present(r) for r in fetched if r.resource is not None], notes
 
     async def _search(
         self, auth: Auth, rtype: str, query: Any
@@ -1195,10 +1257,12 @@ class FhirService:
         links: Mapping[str, str],
         withheld: Sequence[str] = (),
         extra: Sequence[dict[str, Any]] = (),
+        included: Sequence[dict[str, Any]] = (),
     ) -> dict[str, Any]:
         from medledger.fhir.bundle import SearchEntry, searchset
 
         items: list[dict[str, Any] | SearchEntry] = list(resources)
+        items.extend(SearchEntry(r, "include") for r in included)
         if withheld:
             note = operation_outcome(
                 200,
