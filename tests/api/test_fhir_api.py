@@ -641,7 +641,9 @@ def test_search_summary(api: Api) -> None:
     outcome(e, 403)
 
 
-def test_search_include_the_patient_and_revinclude_the_patients_records(api: Api) -> None:
+def test_search_include_the_patient_and_revinclude_the_patients_records(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pid = api.new_patient()
     staff = "system:hospital"
     obs = [api.observation(pid, "hospital", when=f"202{i}-01-01T08:00:00Z")["id"] for i in range(3)]
@@ -673,6 +675,15 @@ def test_search_include_the_patient_and_revinclude_the_patients_records(api: Api
     b = search(f"Patient?_id={pid}&_revinclude=Observation:patient&_revinclude=Condition:subject")
     assert ids(b, "match") == [f"Patient/{pid}"]
     assert sorted(ids(b, "include")) == sorted(f"Observation/{o}" for o in obs)
+    assert entries(b, "outcome") == []
+    # past the limit a type: the first ones, and a warning that says how to get them all
+    monkeypatch.setattr("medledger.services.fhir._INCLUDE_MAX", 2)
+    b = search(f"Patient?_id={pid}&_revinclude=Observation:patient")
+    assert len(ids(b, "include")) == 2
+    (warning,) = entries(b, "outcome")
+    assert warning["issue"][0]["code"] == "too-costly"
+    assert f"Observation?patient=Patient/{pid}" in warning["issue"][0]["diagnostics"]
+    monkeypatch.undo()
 
     # a practitioner the patient's consent lets see Observations only: the Patient
     # resource is withheld from the include, with a warning, and the denial is logged
