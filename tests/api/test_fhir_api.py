@@ -683,6 +683,11 @@ def test_search_include_the_patient_and_revinclude_the_patients_records(
     (warning,) = entries(b, "outcome")
     assert warning["issue"][0]["code"] == "too-costly"
     assert f"Observation?patient=Patient/{pid}" in warning["issue"][0]["diagnostics"]
+    # and no more than one access entry may name, over all the types
+    monkeypatch.setattr("medledger.services.fhir.MAX_RECORDS", 2)
+    monkeypatch.setattr("medledger.services.fhir._INCLUDE_MAX", 100)
+    b = search(f"Patient?_id={pid}&_revinclude=Observation:patient")
+    assert len(ids(b, "include")) == 2 and len(entries(b, "outcome")) == 1
     monkeypatch.undo()
 
     # a practitioner the patient's consent lets see Observations only: the Patient

@@ -1071,12 +1071,14 @@ class FhirService:
             if t == "Patient":
                 held = [e for e in held if e.record == patient]
             rows = [*found, *held]
-            if len(rows) > _INCLUDE_MAX:
-                rows = rows[:_INCLUDE_MAX]
+            # at most _INCLUDE_MAX a type, and what one access.log entry may name in all
+            room = min(_INCLUDE_MAX, MAX_RECORDS - len(entries))
+            if len(rows) > room:
+                rows = rows[:room]
                 notes.append(
                     operation_outcome(
                         200,
-                        f"_revinclude: only the first {_INCLUDE_MAX} {t} resources are "
+                        f"_revinclude: only the first {room} {t} resources are "
                         f"included; search {t}?patient=Patient/{patient} for all of them",
                         code="too-costly",
                         severity="warning",
