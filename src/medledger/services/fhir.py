@@ -1061,15 +1061,14 @@ class FhirService:
         entries: list[IndexEntry] = []
         notes: list[dict[str, Any]] = []
         for t in types:
-            if t == "Patient":
+            held = await self.records.remote_entries(auth.caller, patient, (t,))
+            if t == "Patient":  # the patient's own Patient resource
                 found, _ = await self.store.search(resource_type=t, ids=[patient], limit=1)
+                held = [e for e in held if e.record == patient]
             else:
                 found, _ = await self.store.search(
                     resource_type=t, patient=patient, limit=_INCLUDE_MAX + 1
                 )
-            held = await self.records.remote_entries(auth.caller, patient, (t,))
-            if t == "Patient":
-                held = [e for e in held if e.record == patient]
             rows = [*found, *held]
             # at most _INCLUDE_MAX a type, and what one access.log entry may name in all
             room = min(_INCLUDE_MAX, MAX_RECORDS - len(entries))
@@ -1120,25 +1119,27 @@ class FhirService:
         page: list[IndexEntry] = []
         total = 0
         if not query.impossible:
-            page, total = await self._index_search(rtype, patient, query)
+            # records of the patient other members' nodes hold (clinical filters: local only)
+            held: list[IndexEntry] = []
             if _patient_only(query):
-                # records of the patient other members' nodes hold (clinical filters: local only)
                 held = await self.records.remote_entries(auth.caller, patient, (rtype,))
-                if held and query.order in ("date", "-date"):
-                    # the order by clinical date holds across both: merge from the first
-                    # row (records held elsewhere have no last update known here: by that
-                    # order they follow this node's, as in the natural order)
-                    if query.offset + query.count > _SCAN_MAX:
-                        raise _err(
-                            400,
-                            "too-costly",
-                            f"a sorted search pages through at most {_SCAN_MAX} results",
-                            "_offset",
-                        )
-                    first = replace(query, offset=0, count=query.offset + query.count)
-                    page, total = await self._index_search(rtype, patient, first)
-                    page, total = _merged(page, total, held, query)
-                elif held:
+            if held and query.order in ("date", "-date"):
+                # the order by clinical date holds across both: merge from the first row
+                # (records held elsewhere have no last update known here: by that order
+                # they follow this node's, as in the natural order)
+                if query.offset + query.count > _SCAN_MAX:
+                    raise _err(
+                        400,
+                        "too-costly",
+                        f"a sorted search pages through at most {_SCAN_MAX} results",
+                        "_offset",
+                    )
+                first = replace(query, offset=0, count=query.offset + query.count)
+                head, total = await self._index_search(rtype, patient, first)
+                page, total = _merged(head, total, held, query)
+            else:
+                page, total = await self._index_search(rtype, patient, query)
+                if held:
                     page, total = _after_local(page, total, held, query.offset, query.count)
         fetched, withheld = await self._fetch_many(auth, patient, page, (rtype,))
         records = [r for r in fetched if r.resource is not None]
