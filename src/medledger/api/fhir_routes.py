@@ -176,7 +176,7 @@ _PAGING = [
 
 def _search_parameters(rtype: str) -> list[dict[str, Any]]:
     """The search parameters a type supports (from :mod:`medledger.fhir.index`)."""
-    from medledger.fhir.index import SEARCH_PARAMS
+    from medledger.fhir.index import SEARCH_PARAMS, sort_keys
 
     params = [
         _query(name, doc)
@@ -184,16 +184,11 @@ def _search_parameters(rtype: str) -> list[dict[str, Any]]:
         if name not in ("_count", "_offset")
     ]
     if rtype in RECORD_TYPES:
-        dates = [
-            name
-            for name, (kind, target, _doc) in sorted(SEARCH_PARAMS.get(rtype, {}).items())
-            if (kind, target) == ("date", "date")
-        ]
         params.append(
             _query(
                 "_sort",
                 "Order of the results, one key: "
-                + ", ".join(["_lastUpdated", *dates])
+                + ", ".join(sort_keys(dict(sorted(SEARCH_PARAMS.get(rtype, {}).items()))))
                 + "; prefix - for newest first (default: -_lastUpdated). Results "
                 "without a date come last",
             )

@@ -54,6 +54,7 @@ __all__ = [
     "parse_search",
     "reference_id",
     "search_links",
+    "sort_keys",
 ]
 
 #: The version of what :func:`extract` indexes a stored resource under. Raise it with
@@ -744,13 +745,8 @@ def parse_search(
             elif name == "_sort":
                 key = _sort_order(allowed, value)
                 if key is None:
-                    dates = [n for n, spec in allowed.items() if spec[:2] == ("date", "date")]
-                    reject(
-                        name,
-                        "sorts by one of "
-                        + ", ".join(f"{k}, -{k}" for k in ["_lastUpdated", *dates])
-                        + " (one key)",
-                    )
+                    keys = ", ".join(f"{k}, -{k}" for k in sort_keys(allowed))
+                    reject(name, f"sorts by one of {keys} (one key)")
                 else:
                     sort, order = value, key
             elif name == "_summary":
@@ -844,18 +840,22 @@ def _inclusion_problem(name: str, resource_type: str | None, value: str) -> str 
     return None
 
 
+def sort_keys(params: Mapping[str, tuple[str, str, str]]) -> list[str]:
+    """What ``_sort`` takes (each also with ``-``) in a search with parameters ``params``
+    (e.g. ``SEARCH_PARAMS[type]``): ``_lastUpdated``, then the clinical date parameters."""
+    return ["_lastUpdated", *(n for n, spec in params.items() if spec[:2] == ("date", "date"))]
+
+
 def _sort_order(allowed: Mapping[str, tuple[str, str, str]], value: str) -> str | None:
     """The store order (``-updated``, ``updated``, ``-date``, ``date``) of a ``_sort``
-    value: ``_lastUpdated`` or one of the type's clinical date parameters, ``-`` for
-    descending; None if it is none of those (or several keys)."""
+    value (one of :func:`sort_keys`, ``-`` for descending); None if it is none of those
+    (or several keys)."""
     name = value.removeprefix("-")
-    desc = "-" if value.startswith("-") else ""
-    if name == "_lastUpdated":
-        return desc + "updated"
-    spec = allowed.get(name)
-    if spec is not None and spec[:2] == ("date", "date"):
-        return desc + "date"
-    return None
+    if name not in sort_keys(allowed):
+        return None
+    return ("-" if value.startswith("-") else "") + (
+        "updated" if name == "_lastUpdated" else "date"
+    )
 
 
 def search_links(
