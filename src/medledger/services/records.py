@@ -964,11 +964,8 @@ class RecordService:
         """
         if org not in self.orgs:
             raise NotFoundError(f"this node holds no keys of organisation {org}")
-        checked = rewritten = offset = 0
-        while True:
-            page, total = await self.store.search(
-                resource_type=None, custodian=org, offset=offset, limit=200
-            )
+        checked = rewritten = 0
+        async for page, done, total in self._index_pages(org, limit=200):
             for entry in page:
                 v = await self.store.get_version(entry.record, entry.version)
                 if v is None or v.deleted:
@@ -983,11 +980,28 @@ class RecordService:
                 if set(want) != set(entry.tokens):
                     await self.store.put_version(v, [], replace(entry, tokens=want))
                     rewritten += 1
-            offset += len(page)
             if on_progress is not None:
-                on_progress(offset, total)
+                on_progress(done, total)
+        return checked, rewritten
+
+    async def _index_pages(
+        self, org: str, *, limit: int, include_deleted: bool = False
+    ) -> AsyncIterator[tuple[list[IndexEntry], int, int]]:
+        """The search index rows of the records ``org`` holds, a page at a time, with how
+        many rows have been given so far and the total."""
+        offset = 0
+        while True:
+            page, total = await self.store.search(
+                resource_type=None,
+                custodian=org,
+                include_deleted=include_deleted,
+                offset=offset,
+                limit=limit,
+            )
+            offset += len(page)
+            yield page, offset, total
             if not page or offset >= total:
-                return checked, rewritten
+                return
 
     async def check_store(
         self,
@@ -1021,15 +1035,8 @@ class RecordService:
         # the index before the ledger: a version is indexed only once committed, so on a
         # node that keeps writing every row read here is already on the ledger read next
         index: dict[str, IndexEntry] = {}
-        offset = 0
-        while True:
-            page, total = await self.store.search(
-                resource_type=None, custodian=org, include_deleted=True, offset=offset, limit=500
-            )
+        async for page, _, _ in self._index_pages(org, limit=500, include_deleted=True):
             index.update((e.record, e) for e in page)
-            offset += len(page)
-            if not page or offset >= total:
-                break
         ledger = sorted(await self.node.read(held), key=lambda r: str(r["id"]))
         known = {str(r["id"]): r for r in ledger}
         problems = check.problems
