@@ -701,6 +701,14 @@ def test_search_include_the_patient_and_revinclude_the_patients_records(
     assert "Patient" in warning["issue"][0]["diagnostics"]
     assert api.audit(pid)[-1]["outcome"] == "deny"
 
+    # a token that may not search the included type: 403, before anything is searched
+    before = len(api.audit(pid))
+    r = api.get(
+        f"Observation?patient={pid}&_include=Observation:patient", staff, "system/Observation.rs"
+    )
+    outcome(r, 403)
+    assert len(api.audit(pid)) == before
+
     # unsupported forms: 400 (or ignored under handling=lenient)
     for bad in (
         f"Observation?patient={pid}&_include=Observation:encounter",

@@ -487,7 +487,9 @@ def test_include_the_patient_and_revinclude_on_patient_searches() -> None:
             ("_revinclude", "Condition:subject"),
         ],
     )
-    assert q.revinclude_types == ("Observation", "Condition")
+    assert q.included_types == ("Observation", "Condition")
+    q = parse_search("Observation", [("_include", "Observation:subject")])
+    assert q.included_types == ("Patient",)
     for rtype, name, value in (
         ("Observation", "_include", "Observation:encounter"),
         ("Observation", "_include", "Condition:patient"),

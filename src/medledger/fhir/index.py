@@ -519,9 +519,13 @@ class SearchQuery:
         ]
 
     @property
-    def revinclude_types(self) -> tuple[str, ...]:
-        """The resource types ``_revinclude`` asks for (each once, in the order given)."""
-        return tuple(dict.fromkeys(v.split(":", 1)[0] for v in self.revinclude))
+    def included_types(self) -> tuple[str, ...]:
+        """The resource types ``_include`` (the Patient) and ``_revinclude`` ask for, each
+        once, in the order given."""
+        types = (["Patient"] if self.include else []) + [
+            v.split(":", 1)[0] for v in self.revinclude
+        ]
+        return tuple(dict.fromkeys(types))
 
     def subset(self, resource: dict[str, Any]) -> dict[str, Any]:
         """``resource`` with only the ``_elements`` asked for (a choice element such as

@@ -1037,6 +1037,8 @@ class FhirService:
         if rtype == "AuditEvent":
             return await self.audit_search(auth, params, lenient=lenient)
         query = parse_search(rtype, list(params), lenient=lenient)
+        for t in query.included_types:  # refused before anything is searched or logged
+            auth.require(t, "s")
         records, total, withheld = await self._search(auth, rtype, query)
         resources = [query.subset(self._present(r)) for r in records]
         links = search_links(self.base_url, query, total)
@@ -1054,10 +1056,9 @@ class FhirService:
         custodian) add to a page of results about ``patient``, and warnings.
 
         They are read with one more access decision, logged like any read; what it does
-        not permit is left out with a warning, as are records past the limit."""
-        types = (("Patient",) if query.include else ()) + query.revinclude_types
-        for t in types:
-            auth.require(t, "s")
+        not permit is left out with a warning, as are records past the limit. (The
+        caller's scopes were checked for these types before the search.)"""
+        types = query.included_types
         entries: list[IndexEntry] = []
         notes: list[dict[str, Any]] = []
         for t in types:
