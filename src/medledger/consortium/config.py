@@ -28,6 +28,7 @@ Example::
 
     [orderer_options]                  # passed to the orderer (medledger.orderer.etcd)
     compact_interval = 60.0
+    # min_interval = 0.1               # proposals at least this far apart (s): fewer blocks
     # with orderer = "etcds://...": TLS to etcd (PEM files; cert and key for
     # members started with --client-cert-auth)
     # tls_ca = "/etc/medledger/etcd-ca.pem"
