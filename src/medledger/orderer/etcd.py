@@ -940,7 +940,7 @@ class EtcdOrderer:
         into the same proposal, so every node derives, checks and commits fewer,
         larger blocks (a block has a fixed cost on every node and in etcd). A node
         whose last proposal is older than the interval cuts at once, and so does one
-        holding a full proposal's worth of transactions when the wait would begin.
+        with ``max_batch`` transactions already waiting when the wait would begin.
         """
         gap = self._last_cut + self._min_interval - asyncio.get_running_loop().time()
         if gap > 0 and self._queue.qsize() < self._max_batch:
