@@ -499,6 +499,9 @@ def test_include_the_patient_and_revinclude_on_patient_searches() -> None:
         ("Patient", "_include", "Patient:patient"),
         ("Patient", "_revinclude", "Patient:patient"),
         ("Patient", "_revinclude", "Nope:patient"),
+        ("Patient", "_revinclude", "Consent:patient"),  # searched on their own
+        ("Patient", "_revinclude", "AuditEvent:subject"),
+        ("Consent", "_include", "Consent:patient"),
         ("Observation", "_include:iterate", "Observation:patient"),
     ):
         with pytest.raises(FhirError) as info:

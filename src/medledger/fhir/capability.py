@@ -17,7 +17,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from medledger import __version__ as _version
-from medledger.fhir.index import SEARCH_PARAMS
+from medledger.fhir.index import SEARCH_PARAMS, inclusions
 from medledger.fhir.validate import SUPPORTED_TYPES
 
 __all__ = ["INTERACTIONS", "OPERATIONS", "capability_statement"]
@@ -116,17 +116,14 @@ def capability_statement(
                 {"name": name, "type": kind, "documentation": doc}
                 for name, (kind, _target, doc) in sorted(params.items())
             ]
-            if rtype == "Patient":
-                res["searchRevInclude"] = [
-                    f"{t}:{p}"
-                    for t in sorted(promised)
-                    if "search-type" in promised[t]
-                    and t not in ("Patient", "Consent", "AuditEvent")
-                    for p in ("patient", "subject")
-                    if p in SEARCH_PARAMS.get(t, {})
-                ]
-            elif rtype not in ("Consent", "AuditEvent") and "patient" in params:
-                res["searchInclude"] = [f"{rtype}:patient", f"{rtype}:subject"]
+            include, revinclude = inclusions(rtype)
+            revinclude = [
+                v for v in revinclude if "search-type" in promised.get(v.split(":")[0], ())
+            ]
+            if include:
+                res["searchInclude"] = include
+            if revinclude:
+                res["searchRevInclude"] = revinclude
         ops = [
             {"name": name, "definition": _canonical(base, definition), "documentation": doc}
             for t, name, definition, doc in OPERATIONS

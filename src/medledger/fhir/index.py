@@ -50,6 +50,7 @@ __all__ = [
     "Extracted",
     "SearchQuery",
     "extract",
+    "inclusions",
     "iter_references",
     "parse_search",
     "reference_id",
@@ -450,6 +451,9 @@ SEARCH_PARAMS: dict[str, dict[str, tuple[str, str, str]]] = _build_params()
 RESULT_PARAMS = frozenset(
     {"_count", "_offset", "_sort", "_total", "_format", "_pretty", "_elements", "_summary"}
 )
+#: the types searched on their own (consents on the ledger, the access log), not by the
+#: record index: ``_include`` and ``_revinclude`` never add them
+_SEARCHED_APART = frozenset({"Consent", "AuditEvent"})
 #: ``_summary`` values (FHIR search 3.1.1.5.8)
 SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 _ELEMENT_RE = re.compile(r"[a-z][A-Za-z0-9]{0,63}")
@@ -826,6 +830,7 @@ def _inclusion_problem(name: str, resource_type: str | None, value: str) -> str 
     Supported: ``_include=<type>:patient`` (or ``:subject``, with or without the target
     ``:Patient``), the Patient the results are about; and on Patient searches
     ``_revinclude=<type>:patient`` (or ``:subject``), that patient's records of the type.
+    Consents and audit events are searched on their own, never included.
     """
     parts = value.split(":")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "Patient"):
@@ -836,12 +841,31 @@ def _inclusion_problem(name: str, resource_type: str | None, value: str) -> str 
     if name == "_include":
         if source != resource_type or resource_type == "Patient":
             return f"includes the Patient of a search of a type other than Patient ({value!r})"
-        return None
-    if resource_type != "Patient":
+    elif resource_type != "Patient":
         return "is supported on Patient searches"
-    if source == "Patient" or param not in SEARCH_PARAMS.get(source, {}):
+    elif source == "Patient" or param not in SEARCH_PARAMS.get(source, {}):
         return f"{source} has no search parameter {param!r}"
+    if source in _SEARCHED_APART:
+        return f"{source} resources are searched on their own ({source}?patient=), not included"
     return None
+
+
+def inclusions(resource_type: str) -> tuple[list[str], list[str]]:
+    """The ``_include`` and the ``_revinclude`` values :func:`parse_search` accepts in a
+    search of ``resource_type`` (without the optional ``:Patient``): what the
+    CapabilityStatement advertises."""
+    include = [
+        f"{resource_type}:{p}"
+        for p in _PATIENT_PARAMS
+        if _inclusion_problem("_include", resource_type, f"{resource_type}:{p}") is None
+    ]
+    revinclude = [
+        f"{t}:{p}"
+        for t in sorted(SEARCH_PARAMS)
+        for p in _PATIENT_PARAMS
+        if _inclusion_problem("_revinclude", resource_type, f"{t}:{p}") is None
+    ]
+    return include, revinclude
 
 
 def sort_keys(params: Mapping[str, tuple[str, str, str]]) -> list[str]:
