@@ -9,8 +9,9 @@
   :class:`StorageError` (without the password), a lost connection is re-established
   (and a block whose ``COMMIT`` outcome was lost is not applied twice), a failure in
   the last statement of a block rolls back all of it, the presence filters answer
-  absent keys without a query and stay exact as they grow, concurrent first opens,
-  one ledger per PostgreSQL schema.
+  absent keys without a query and stay exact as they grow, lookups of key lists
+  still use the index after their table grew (no stale generic plan), concurrent
+  first opens, one ledger per PostgreSQL schema.
 * **End to end**: the same realistic :class:`Workload` ledger is committed block by
   block on a SQLite node and on a PostgreSQL node: every stored byte is identical;
   the PostgreSQL node reopens, proves inclusion, keeps committing through its
@@ -668,6 +669,48 @@ def test_pg_absent_keys_and_new_tx_ids_cost_no_query(pg_url: str) -> None:
         assert all(store.get(b"absent/%d" % i) is None for i in range(2000))
         assert not any(store.has_tx(hashlib.sha256(b"new/%d" % i).digest()) for i in range(2000))
         assert store.queries < 40  # ~0.3 % false positives
+    finally:
+        store.close()
+
+
+def test_pg_key_list_lookups_use_the_index_after_the_table_grew(pg_url: str) -> None:
+    # psycopg prepares a statement after a few runs and PostgreSQL may then keep one
+    # generic plan: for "= ANY($1)" on a small table that is a sequential scan, kept
+    # while the table grows unless something analyses it (this server's autovacuum
+    # is off). known_txs runs for every block.
+    store = PostgresStore(pg_url)
+    try:
+        few = [_tx(i, 0) for i in range(300)]
+        _commit(store, 0, txs=few, tree=[((0, i), b"%032d" % i) for i in range(300)])
+        # past psycopg's prepare threshold, on small tables, with lists of a block's size
+        # (PostgreSQL prefers its generic plan for a list of more than ~10 keys)
+        absent = [hashlib.sha256(b"absent/%d" % i).digest() for i in range(30)]
+        for _ in range(12):
+            assert store.known_txs([few[0].tx_id, *absent]) == {few[0].tx_id}
+            nodes = store.get_tree_nodes([(0, i % 3) for i in range(30)])
+            assert nodes == [b"%032d" % (i % 3) for i in range(30)]
+        many = [_tx(i, 1) for i in range(300, 20_300)]
+        _commit(store, 1, txs=many, tree=[((0, i), b"%032d" % i) for i in range(300, 20_300)])
+        conn = store._conn()
+
+        def seq_scans() -> tuple[int, int]:
+            # this session's counts reach the shared statistics at its next idle moment
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT (SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'ledger_txs'),"
+                " (SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'ledger_tree')"
+            ).fetchone()
+            assert row is not None
+            return int(row[0]), int(row[1])
+
+        before = seq_scans()
+        for _ in range(3):
+            asked = [many[7].tx_id, many[-1].tx_id, *absent]
+            assert store.known_txs(asked) == {many[7].tx_id, many[-1].tx_id}
+            at = [(0, 10 + 600 * i) for i in range(30)]
+            assert store.get_tree_nodes(at) == [b"%032d" % i for _, i in at]
+        assert seq_scans() == before  # neither table was read whole
     finally:
         store.close()
 

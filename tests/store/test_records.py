@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from medledger.errors import Conflict, StorageError
@@ -338,6 +339,51 @@ async def test_bad_urls() -> None:
         await open_record_store("sqlite://host/path.db")
     with pytest.raises(StorageError):
         await open_record_store("postgresql://postgres@127.0.0.1:1/none")
+
+
+async def test_pg_key_list_lookups_use_the_index_after_the_tables_grew(pg_url: str) -> None:
+    # As for the ledger store: a prepared "= ANY($1)" lookup whose generic plan was made
+    # while the table was small would go on reading the whole table as it grows.
+    store = await open_record_store(pg_url)
+    try:
+        for i in range(300):
+            await put(store, version(f"obs-{i:05d}", updated=T0 + i), tokens=(tok(f"t{i}"),))
+        first = [f"obs-{i:05d}" for i in range(30)]
+        for _ in range(60):  # past the prepare threshold on every pooled connection
+            assert len(await store.latest_versions(first)) == 30
+            page, _ = await store.search(resource_type="Observation", patient=PAT_A, limit=30)
+            assert len(page) == 30
+        with psycopg.connect(pg_url, autocommit=True) as conn, conn.cursor() as cur:
+            with cur.copy("COPY rec_versions FROM STDIN") as copy:
+                for i in range(300, 30_300):
+                    v = version(f"obs-{i:05d}", patient=PAT_B)
+                    copy.write_row(
+                        (v.record, 1, PAT_B, "h1", "Observation", v.salt, v.ciphertext, T0, False)
+                    )
+            with cur.copy("COPY rec_tokens FROM STDIN") as copy:
+                for i in range(300, 30_300):
+                    copy.write_row((tok(f"t{i}"), f"obs-{i:05d}"))
+
+        async def seq_scans() -> dict[str, int]:
+            for c in store._all:  # type: ignore[attr-defined]
+                await c.execute("SELECT pg_stat_force_next_flush()")
+                await c.execute("SELECT 1")  # flushed once idle
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                rows = conn.execute(
+                    "SELECT relname, seq_scan FROM pg_stat_user_tables"
+                    " WHERE relname IN ('rec_versions', 'rec_tokens')"
+                ).fetchall()
+            return {str(r): int(n) for r, n in rows}
+
+        before = await seq_scans()
+        last = [f"obs-{i:05d}" for i in range(30_000, 30_030)]
+        for _ in range(8):
+            assert len(await store.latest_versions(last)) == 30
+            page, total = await store.search(resource_type="Observation", patient=PAT_A, limit=30)
+            assert total == 300 and all(len(e.tokens) == 1 for e in page)
+        assert await seq_scans() == before  # neither table was read whole
+    finally:
+        await store.close()
 
 
 async def test_sqlite_file_keeps_no_shredded_bytes(tmp_path: Path) -> None:

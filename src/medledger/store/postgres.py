@@ -36,6 +36,16 @@ reconnects once and retries; reads and upserts are idempotent, and a block whose
 ``COMMIT`` may or may not have reached the server is looked up by height before it
 is retried, so a block is never applied twice nor reported failed when it committed.
 
+Query plans: psycopg prepares a statement on the server once it has run a few
+times, and PostgreSQL may then keep one generic plan for it. For a lookup of a
+list of keys (``WHERE k = ANY($1)``) the generic plan made while a table was
+small can be a sequential scan, and nothing replaces it while the table grows
+unless the table is analysed (autovacuum may be off): every block's
+``known_txs`` then reads the whole transaction table. Those queries are therefore never prepared
+(:meth:`PostgresStore._any`): each is planned for its own keys and the table's
+current size, an index scan. Single-key lookups (``k = $1``) keep their
+prepared index plan.
+
 Schema: the tables are created in the connection's current schema, normally
 ``public``. To keep several ledgers in one database, give each node its own
 (existing) PostgreSQL schema with ``?options=-csearch_path%3Dnode_a`` in the URL.
@@ -333,6 +343,12 @@ class PostgresStore:
     def _all(self, what: str, sql: str, args: Sequence[object]) -> list[tuple[Any, ...]]:
         return self._call(what, lambda c: c.execute(sql, args, binary=True).fetchall())
 
+    def _any(self, what: str, sql: str, keys: Sequence[object]) -> list[tuple[Any, ...]]:
+        """Rows of a ``= ANY(%s)`` lookup of ``keys``: never prepared (module docstring)."""
+        return self._call(
+            what, lambda c: c.execute(sql, (keys,), binary=True, prepare=False).fetchall()
+        )
+
     def _create_schema(self) -> None:
         def create(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
             with conn.transaction():
@@ -458,7 +474,7 @@ class PostgresStore:
         ids = list(dict.fromkeys(tx_ids))
         if not ids:
             return set()
-        rows = self._all("known_txs", "SELECT tx_id FROM ledger_txs WHERE tx_id = ANY(%s)", (ids,))
+        rows = self._any("known_txs", "SELECT tx_id FROM ledger_txs WHERE tx_id = ANY(%s)", ids)
         return {bytes(r[0]) for r in rows}
 
     @staticmethod
@@ -483,10 +499,10 @@ class PostgresStore:
         if not ids:
             return []
         keys = [_node_id(level, index) for level, index in ids]
-        rows = self._all(
+        rows = self._any(
             "get_tree_nodes",
             "SELECT id, hash FROM ledger_tree WHERE id = ANY(%s::int8[])",
-            (sorted(set(keys)),),
+            sorted(set(keys)),
         )
         found = {int(nid): bytes(h) for nid, h in rows}
         missing = [ids[i] for i, k in enumerate(keys) if k not in found]

@@ -1475,6 +1475,7 @@ class PostgresRecordStore:
                 "SELECT record, MAX(version) FROM rec_versions WHERE record = ANY(%s) "
                 "GROUP BY record",
                 (ids,),
+                prepare=False,  # a generic plan of a key list may scan the table (postgres.py)
             )
             rows: list[Any] = await cur.fetchall()
             return rows
@@ -1644,6 +1645,7 @@ class PostgresRecordStore:
                 cur = await conn.execute(
                     "SELECT record, token FROM rec_tokens WHERE record = ANY(%s)",
                     ([r[0] for r in rows],),
+                    prepare=False,  # as in latest_versions
                 )
                 for rec, tok in await cur.fetchall():
                     toks.setdefault(str(rec), []).append(bytes(tok))
