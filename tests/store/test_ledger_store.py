@@ -479,10 +479,7 @@ def test_a_block_of_two_thousand_transactions(store: LedgerStore) -> None:
             b"\x03" + hashlib.sha256(b"n%d" % i).digest(): os.urandom(300) for i in range(10 * n)
         },
     }
-    t0 = time.perf_counter()
-    _commit(store, 0, **block)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 30, elapsed
+    _commit(store, 0, **block)  # its speed is measured in bench/bench_pgstore.py, not here
     assert list(store.iter_txs()) == block["txs"]
     assert list(store.iter_state()) == sorted(block["state"].items())
     assert list(store.iter_nodes()) == sorted(block["smt"].items())
