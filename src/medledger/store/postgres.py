@@ -41,10 +41,10 @@ times, and PostgreSQL may then keep one generic plan for it. For a lookup of a
 list of keys (``WHERE k = ANY($1)``) the generic plan made while a table was
 small can be a sequential scan, and nothing replaces it while the table grows
 unless the table is analysed (autovacuum may be off): every block's
-``known_txs`` then reads the whole transaction table. Those queries are therefore never prepared
-(:meth:`PostgresStore._any`): each is planned for its own keys and the table's
-current size, an index scan. Single-key lookups (``k = $1``) keep their
-prepared index plan.
+``known_txs`` then reads the whole transaction table. Those queries are
+therefore never prepared (:meth:`PostgresStore._any`): each is planned for its
+own keys and the table's current size, an index scan. Single-key lookups
+(``k = $1``) keep their prepared index plan.
 
 Schema: the tables are created in the connection's current schema, normally
 ``public``. To keep several ledgers in one database, give each node its own
