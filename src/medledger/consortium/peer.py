@@ -31,6 +31,11 @@ see :mod:`medledger.consortium.auth`):
     still decides on its own state but only checks that entry (by the caller's
     node, naming this actor, record and purpose, recent) instead of logging a
     second one.
+``POST /peer/v1/relay`` (CBOR list of signed transactions) → CBOR ``{"queued", "revision"}``
+    another member's node hands over the transactions it received, for this node
+    to propose (see "Relaying" in :mod:`medledger.orderer.etcd`); answered once
+    they are queued, all or none (400 if one does not parse, 503 while writes are
+    halted or the node is not ordering).
 ``GET /ledger/v1/seq/<key id hex>``
     ``{"seq"}``: the last sequence number the key used on this node's ledger
     (what a client signing its own transactions needs next, plus one).
@@ -75,6 +80,7 @@ from medledger.ledger.checkpoint import Checkpoint
 from medledger.ledger.note import add_signatures, note_text, open_note
 from medledger.ledger.tx import Transaction
 from medledger.node import Node, Receipt
+from medledger.orderer.etcd import MAX_PROPOSAL_TXS, EtcdOrderer
 from medledger.state.base import StateReader
 from medledger.store import TxRecord
 
@@ -435,6 +441,28 @@ class PeerService:
                 }
         return [r for r in out if r is not None]
 
+    async def relay_txs(self, caller: str, raws: list[bytes]) -> dict[str, Any]:
+        """Queue transactions another member's node relays here for this node's proposals.
+
+        All or nothing: every transaction must parse (the relaying node parsed the
+        same bytes), and the etcd orderer must be running here; nothing is awaited.
+        """
+        if not self.monitor.writes_allowed:
+            raise Refused(f"writes are halted: {self.monitor.halted_reason}", 503, "halted")
+        orderer = self.node.orderer
+        if not isinstance(orderer, EtcdOrderer):
+            raise Refused("this node does not order through etcd", 503, "not-ordering")
+        try:
+            txs = [Transaction.from_bytes(raw) for raw in raws]
+        except TransactionRejected as exc:
+            raise Refused(f"relayed transaction refused: {exc}", 400, exc.code) from None
+        try:
+            revision = orderer.accept_relayed(txs)
+        except OrdererError as exc:
+            raise Refused(f"not proposing here: {exc}", 503, exc.code) from None
+        log.debug("queued %d transactions relayed by %s", len(txs), caller)
+        return {"queued": len(txs), "revision": revision}
+
 
 def health_json(node: Node, org: str, monitor: ConsortiumMonitor) -> dict[str, Any]:
     head = node.head
@@ -560,6 +588,15 @@ def create_peer_app(service: PeerService) -> FastAPI:
         )
         remote = await service.fetch_record(org, req)
         return _cbor_response(remote.to_wire())
+
+    @app.post("/peer/v1/relay")
+    async def relay(request: Request, org: str = Caller) -> Response:
+        doc = decode(await request.body())
+        if not isinstance(doc, list) or not all(isinstance(r, bytes) for r in doc):
+            raise Refused("body must be a CBOR array of signed transactions")
+        if not 1 <= len(doc) <= MAX_PROPOSAL_TXS:
+            raise Refused(f"1..{MAX_PROPOSAL_TXS} transactions per relay", 413)
+        return _cbor_response(await service.relay_txs(org, doc))
 
     @app.get("/ledger/v1/seq/{key_id}")
     async def last_seq(key_id: str) -> dict[str, Any]:

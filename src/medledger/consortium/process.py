@@ -47,6 +47,7 @@ from medledger.consortium.client import PeerClient, PeerUnavailable, RemoteCusto
 from medledger.consortium.config import ConfigError, HttpEndpoint, NodeConfig, load_config
 from medledger.consortium.gossip import CheckpointBook, ConsortiumMonitor, Gossip
 from medledger.consortium.peer import PeerService, create_peer_app, health_json
+from medledger.consortium.relay import PeerRelay
 from medledger.crypto.keystore import Identity
 from medledger.crypto.signing import SigningKey
 from medledger.datadir import DataDir
@@ -294,10 +295,15 @@ class NodeProcess:
 
         assert self.node is not None
         node = self.node
+        options = dict(self.orderer_options)
+        # relaying (on unless ``relay = false``): one member's node proposes for all
+        if options.pop("relay", True) and self.cfg.peers:
+            assert self.client is not None
+            options["relay"] = PeerRelay(self.client, self.monitor)
         delay = 0.2
         while True:
             try:
-                await node.start(self.cfg.orderer, **self.orderer_options)
+                await node.start(self.cfg.orderer, **options)
                 self.monitor.phase = "serving" if self._open else "preparing"
                 log.info("ordering through %s from height %d", self.cfg.orderer, node.head.height)
                 return

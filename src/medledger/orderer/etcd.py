@@ -65,6 +65,30 @@ proposals that make no block it records ``(head, r)``. On restart it resumes
 after the revision recorded for its head height: proposals after it made no
 block and are decided again on the same state, with the same outcome.
 
+**Relaying.** Every proposal costs every node a block (deriving, signing and
+committing it, its etcd write and watch events): with each node proposing what it
+receives, a consortium of ``n`` nodes makes ``n`` times as many blocks as one
+proposer would, each smaller. With a :class:`Relay` (the node process gives one
+that knows the other members' nodes), a node hands the transactions it receives
+to the first node of ``relay.proposers()`` (the same preference order on every
+node; its own organisation is among them) and that node proposes them with its
+own: one node then proposes for the consortium. Relaying changes nothing that
+the ledger decides, only who proposes. The relaying node answers its submitters
+as before, once the block holding each transaction is committed here: it
+recognises its transactions (by id) in whichever proposal carries them after the
+hand-over (above the etcd revision the proposer names when it queues them; an
+earlier copy is someone else's submission, which makes this one a replay), with
+the acceptance or rejection that proposal's block gives them. Transactions that
+could not be handed over (the proposer refuses or is unreachable) are proposed
+here, and so are those handed over that no proposal has carried after
+``relay_timeout`` seconds while their proposer landed nothing (it died: what it
+had not proposed is lost with it), or after half the submit timeout in any case;
+relayed before, they are proposed here in the order they were submitted, and a
+transaction carried twice is decided where it first lands (the second copy is a
+replay, refused). A proposer that failed is passed over for ``relay_retry``
+seconds. Transactions a node receives by relay are proposed there, never relayed
+again.
+
 **Submit.** ``submit`` resolves once the block holding the transaction is
 committed on *this* node (or with the rejection, or with :class:`OrdererError`
 after ``submit_timeout`` when etcd has no quorum: then nothing was acknowledged;
@@ -94,7 +118,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import aetcd
 import grpc
@@ -130,6 +154,7 @@ __all__ = [
     "EtcdTLS",
     "InvalidProposal",
     "Proposal",
+    "Relay",
     "check_proposal",
     "position_meta",
     "read_position",
@@ -497,6 +522,33 @@ def _prefix_end(prefix: bytes) -> bytes:
     return end
 
 
+# -- relaying ---------------------------------------------------------------------------------
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a future's outcome that nobody awaits (no 'never retrieved' warning)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+class Relay(Protocol):
+    """Which node proposes this node's transactions, and the way to hand them over."""
+
+    def proposers(self) -> Sequence[str]:
+        """Organisations whose nodes may propose this node's transactions, preferred first
+        (this node's own organisation among them); every node should give the same order."""
+        ...
+
+    async def forward(self, org: str, raws: Sequence[bytes]) -> int:
+        """Hand signed transactions to ``org``'s node for its next proposals, in order.
+
+        Returns, once that node has queued them, what its ``accept_relayed`` returned
+        (an etcd revision that no proposal carrying them can be at or below); raises
+        (any :class:`Exception`) when they were not handed over.
+        """
+        ...
+
+
 # -- the orderer ----------------------------------------------------------------------------
 
 
@@ -505,6 +557,10 @@ class _Item:
     tx: Transaction
     fut: asyncio.Future[Receipt]
     size: int
+    relayed_in: bool = False  # received from another node's relay: proposed here
+    relayed_at: float = 0.0  # loop time it was handed to ``relayed_to`` (0: not relayed)
+    relayed_to: str = ""
+    floor: int = 0  # relayed: proposals at or below this revision predate the hand-over
 
 
 @dataclass(slots=True)
@@ -542,7 +598,10 @@ class EtcdOrderer:
     the proposals that arrived while the previous group committed; 1: one at a time);
     ``min_interval`` seconds at least between two proposals of this node (0, the
     default: none; a longer interval means fewer, larger blocks for more latency);
-    ``tls`` an :class:`EtcdTLS` to reach etcd over TLS (``etcds://``).
+    ``tls`` an :class:`EtcdTLS` to reach etcd over TLS (``etcds://``); ``relay`` a
+    :class:`Relay` (None: this node proposes what it receives), ``relay_timeout``
+    seconds before transactions handed to a proposer that has landed nothing since
+    are proposed here, ``relay_retry`` seconds a failed proposer is passed over.
     """
 
     def __init__(
@@ -566,6 +625,9 @@ class EtcdOrderer:
         max_group: int = 8,
         tls: EtcdTLS | None = None,
         min_interval: float = 0.0,
+        relay: Relay | None = None,
+        relay_timeout: float = 2.0,
+        relay_retry: float = 5.0,
     ) -> None:
         if not endpoints:
             raise ValueError("the etcd orderer needs at least one endpoint")
@@ -594,6 +656,16 @@ class EtcdOrderer:
         self._max_group = max(1, max_group)
         self._min_interval = max(0.0, min_interval)
         self._last_cut = 0.0  # loop time of this node's last proposal cut
+        self._relay = relay
+        self._relay_timeout = relay_timeout
+        self._relay_retry = relay_retry
+        self._relay_down: dict[str, float] = {}  # proposer -> loop time it may be tried again
+        # handed to another node's proposals, not yet decided: tx id -> items, and the
+        # items in the order they were handed over (done ones are dropped lazily)
+        self._relayed: dict[bytes, list[_Item]] = {}
+        self._relay_order: collections.deque[_Item] = collections.deque()
+        self._landed_by: dict[str, float] = {}  # org -> loop time its last proposal was applied
+        self._front: collections.deque[_Item] = collections.deque()  # to propose before the queue
         self._pool: ProcessPoolExecutor | None = None
         # connections: writes and reads; the watch stream has its own
         self._conn = _Conn(endpoints, request_timeout, tls=tls)
@@ -637,13 +709,34 @@ class EtcdOrderer:
 
     def enqueue(self, tx: Transaction) -> asyncio.Future[Receipt]:
         """Queue ``tx`` for the next proposal; the future resolves once it is committed here."""
+        return self._enqueue(tx, relayed_in=False)
+
+    def accept_relayed(self, txs: Sequence[Transaction]) -> int:
+        """Queue transactions another node relayed here, in order, for this node's proposals.
+
+        Nobody waits here for them: the relaying node answers its submitters when it
+        applies the block that carries them. Returns the highest etcd revision this
+        node knows to exist: the proposals that will carry ``txs`` land above it, so
+        the relaying node does not take an earlier copy of one of them (someone else's
+        submission, which makes this one a replay) for its own. Raises like
+        :meth:`enqueue` when this node cannot propose (nothing is queued then).
+        """
+        self._check_running()
+        for tx in txs:
+            self._enqueue(tx, relayed_in=True).add_done_callback(_consume)
+        return max(self._next_rev - 1, self._landed_rev)
+
+    def _check_running(self) -> None:
         if self._failure is not None:
             raise self._failure
         if self._closed or not self._started:
             raise OrdererError("the etcd orderer is not running; not committed")
+
+    def _enqueue(self, tx: Transaction, *, relayed_in: bool) -> asyncio.Future[Receipt]:
+        self._check_running()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Receipt] = loop.create_future()
-        self._queue.put_nowait(_Item(tx, fut, len(tx.raw) + 8))
+        self._queue.put_nowait(_Item(tx, fut, len(tx.raw) + 8, relayed_in))
         when = loop.time() + self._submit_timeout
         self._expiry.append((when, fut))
         if self._expiry_timer is None:
@@ -867,11 +960,14 @@ class EtcdOrderer:
             self._progress.notify_all()
 
     def _fail_all(self, exc: OrdererError) -> None:
-        for items in self._inflight.values():
+        for items in (*self._inflight.values(), *self._relayed.values(), self._front):
             for it in items:
                 if not it.fut.done():
                     it.fut.set_exception(exc)
         self._inflight.clear()
+        self._relayed.clear()
+        self._relay_order.clear()
+        self._front.clear()
         while not self._queue.empty():
             it = self._queue.get_nowait()
             if not it.fut.done():
@@ -911,11 +1007,13 @@ class EtcdOrderer:
         loop = asyncio.get_running_loop()
         first, self._carry = self._carry, None
         if first is None:
-            first = await self._queue.get()
+            first = await self._next()
         batch, size = [first], first.size
         deadline = loop.time() + self._max_wait
         while len(batch) < self._max_batch:
-            if self._queue.empty():
+            if self._front:
+                item = self._front.popleft()
+            elif self._queue.empty():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
@@ -932,6 +1030,128 @@ class EtcdOrderer:
             batch.append(item)
             size += item.size
         return batch
+
+    async def _next(self) -> _Item:
+        """The first item of the next batch: re-queued ones before the queue. While it
+        waits, transactions relayed to a proposer that does not carry them come back."""
+        while True:
+            wait = self._check_relayed()
+            if self._front:
+                return self._front.popleft()
+            if not self._queue.empty():
+                return self._queue.get_nowait()
+            try:
+                async with asyncio.timeout(wait):
+                    return await self._queue.get()
+            except TimeoutError:
+                continue
+
+    # -- relaying -------------------------------------------------------------------------
+    def _relay_target(self, batch: list[_Item]) -> str | None:
+        """The organisation whose node should propose ``batch`` (None: this node)."""
+        if self._relay is None or any(it.relayed_in for it in batch):
+            return None
+        now = asyncio.get_running_loop().time()
+        for org in self._relay.proposers():
+            if org == self.org:
+                return None
+            if self._relay_down.get(org, 0.0) <= now:
+                return org
+        return None
+
+    async def _hand_over(self, org: str, batch: list[_Item]) -> None:
+        """Relay ``batch`` to ``org``'s node; if that fails, queue it to be proposed here."""
+        assert self._relay is not None
+        try:
+            floor = await self._relay.forward(org, [it.tx.raw for it in batch])
+        except Exception as exc:  # whatever the transport raises: not handed over
+            log.warning(
+                "relaying %d transactions to %s failed (%s); proposing them here",
+                len(batch),
+                org,
+                exc,
+            )
+            self._fall_back(org, batch)
+            return
+        now = asyncio.get_running_loop().time()
+        for it in batch:
+            it.relayed_at, it.relayed_to, it.floor = now, org, int(floor)
+            self._relayed.setdefault(it.tx.tx_id, []).append(it)
+            self._relay_order.append(it)
+
+    def _fall_back(self, org: str, batch: Sequence[_Item] = ()) -> None:
+        """Pass over ``org`` for a while; propose what was relayed and is still undecided,
+        then ``batch``, before anything queued after them (submission order kept).
+
+        The re-queued transactions stay known by id, so that they are answered from
+        whichever proposal carries them first (the other copy is refused as a replay).
+        """
+        self._relay_down[org] = asyncio.get_running_loop().time() + self._relay_retry
+        ahead = [it for it in self._relay_order if not it.fut.done()]
+        self._relay_order.clear()
+        for it in ahead:
+            it.relayed_at, it.relayed_to = 0.0, ""
+        behind = list(self._front)
+        if self._carry is not None:  # taken after ``batch``: it goes after it
+            behind.insert(0, self._carry)
+            self._carry = None
+        self._front.clear()
+        self._front.extend(ahead)
+        self._front.extend(batch)
+        self._front.extend(behind)
+        if ahead:
+            log.warning(
+                "%d transactions relayed to %s were not proposed in time; proposing them here",
+                len(ahead),
+                org,
+            )
+
+    def _check_relayed(self) -> float | None:
+        """Take back relayed transactions that their proposer does not carry in time.
+
+        Returns the seconds until the next check is due (None: nothing relayed is
+        pending). The oldest pending one comes back (with every later one) once it is
+        ``relay_timeout`` old and its proposer landed no proposal for that long (it
+        died), or once half the submit timeout has passed whatever the proposer did.
+        """
+        order = self._relay_order
+        while order and order[0].fut.done():
+            order.popleft()
+        if len(self._relayed) > 2 * len(order) + 1024:  # drop answered (e.g. timed out) ones
+            self._relayed = {
+                k: v for k, v in self._relayed.items() if any(not it.fut.done() for it in v)
+            }
+        if not order:
+            return None
+        now = asyncio.get_running_loop().time()
+        first = order[0]
+        age = now - first.relayed_at
+        if age < self._relay_timeout:
+            return self._relay_timeout - age
+        limit = self._submit_timeout / 2
+        alive = self._landed_by.get(first.relayed_to, -1e18) >= now - self._relay_timeout
+        if alive and age < limit:
+            return min(limit - age, self._relay_timeout / 4)
+        self._fall_back(first.relayed_to)
+        return 0.0
+
+    def _settle(self, tx_id: bytes, rev: int, outcome: Receipt | Exception) -> None:
+        """Answer the oldest undecided relayed submission of ``tx_id`` that the proposal
+        at revision ``rev`` can carry with ``outcome``."""
+        items = self._relayed.get(tx_id)
+        if items is None:
+            return
+        items[:] = [it for it in items if not it.fut.done()]
+        for i, it in enumerate(items):
+            if it.floor < rev:
+                del items[i]
+                if isinstance(outcome, Exception):
+                    it.fut.set_exception(outcome)
+                else:
+                    it.fut.set_result(outcome)
+                break
+        if not items:
+            del self._relayed[tx_id]
 
     async def _pace(self) -> None:
         """Wait until ``min_interval`` has passed since this node's last proposal.
@@ -966,6 +1186,10 @@ class EtcdOrderer:
             batch = [it for it in await self._collect() if not it.fut.done()]
             self._last_cut = asyncio.get_running_loop().time()
             if not batch:
+                continue
+            target = self._relay_target(batch)
+            if target is not None:
+                await self._hand_over(target, batch)
                 continue
             p = Proposal.create(
                 self._key,
@@ -1221,7 +1445,18 @@ class EtcdOrderer:
             ev = prep.event
             log.warning("ignoring proposal %s at revision %d: %s", ev.key, ev.rev, prep.reason)
             self._refuse(items, prep.reason)
+        now = asyncio.get_running_loop().time()
         for (prep, items), outcome in zip(valid, outcomes, strict=True):
+            assert prep.proposal is not None
+            self._landed_by[prep.proposal.org] = now
+            if self._relayed:  # this node's relayed transactions, wherever they landed
+                if isinstance(outcome, Exception):
+                    refused = OrdererError(f"proposal refused by the network: {outcome}")
+                    for tx in prep.txs:
+                        self._settle(tx.tx_id, prep.event.rev, refused)
+                else:
+                    for tx, res in zip(prep.txs, outcome, strict=True):
+                        self._settle(tx.tx_id, prep.event.rev, res)
             if isinstance(outcome, Exception):
                 ev = prep.event
                 log.warning("refusing proposal %s at revision %d: %s", ev.key, ev.rev, outcome)
