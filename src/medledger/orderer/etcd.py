@@ -1075,7 +1075,9 @@ class EtcdOrderer:
             return
         now = asyncio.get_running_loop().time()
         for it in batch:
-            it.relayed_at, it.relayed_to, it.floor = now, org, int(floor)
+            # handed over again after a fall-back: a copy of the first hand-over counts too
+            it.floor = int(floor) if it.floor == 0 else min(it.floor, int(floor))
+            it.relayed_at, it.relayed_to = now, org
             self._relayed.setdefault(it.tx.tx_id, []).append(it)
             self._relay_order.append(it)
 
@@ -1364,15 +1366,23 @@ class EtcdOrderer:
         positions: list[int] = []
         malformed: dict[int, TransactionRejected] = {}
         # This node's own proposal: its transactions were parsed when submitted, from
-        # the very bytes the proposal carries (checked one by one); others are parsed.
+        # the very bytes the proposal carries (checked one by one); so were those it
+        # relayed (found by id: the hash of those bytes); others are parsed.
         mine = self._inflight.get(event.key)
         if mine is not None and len(mine) != len(p.txs):
             mine = None
+        relayed = self._relayed
         for i, raw in enumerate(p.txs):
             if mine is not None and mine[i].tx.raw == raw:
                 txs.append(mine[i].tx)
                 positions.append(i)
                 continue
+            if relayed:
+                got = relayed.get(hashlib.sha256(raw).digest())
+                if got and got[0].tx.raw == raw:
+                    txs.append(got[0].tx)
+                    positions.append(i)
+                    continue
             try:
                 txs.append(Transaction.from_bytes(raw))
                 positions.append(i)
