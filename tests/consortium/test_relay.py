@@ -1,7 +1,7 @@
 """Relaying over the peer API: ``POST /peer/v1/relay`` and :class:`PeerRelay`.
 
 Two members' nodes order through a real (one-member) etcd cluster; their peer
-apps are reached in-process through httpx's ASGI transport.
+apps serve on loopback ports (uvicorn), as the WebSocket needs a real server.
 """
 
 from __future__ import annotations
@@ -15,11 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
-from etcd_cluster import EtcdCluster
-from medledger.consortium.client import CBOR, PeerClient, PeerRequestError, PeerUnavailable
+from etcd_cluster import EtcdCluster, free_port
+from medledger.consortium.auth import sign_request
+from medledger.consortium.client import CBOR, PeerClient, PeerRequestError
 from medledger.consortium.gossip import ConsortiumMonitor, Divergence
-from medledger.consortium.relay import PeerRelay
+from medledger.consortium.relay import RELAY_PATH, PeerRelay
 from medledger.encoding import decode, encode
 
 from .conftest import NETWORK, Consortium, Member, add_member, genesis_doc, make_orgs
@@ -37,6 +41,7 @@ class Pair:
     leader: Member  # org-1: first in organisation order, proposes for both
     follower: Member  # org-2: relays to org-1
     relay: PeerRelay
+    leader_url: str
 
 
 _roots = iter(range(1, 1_000_000))
@@ -46,6 +51,20 @@ def now() -> int:
     return int(time.time() * 1000)
 
 
+async def serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    """``app`` on a loopback port (WebSockets need a real server)."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    return server, task, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture
 async def pair(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[Pair]:
     orgs = make_orgs(2)
@@ -53,8 +72,18 @@ async def pair(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[Pair]:
     for org in orgs:
         await add_member(c, tmp_path, org)
     leader, follower = c.members
+    servers = [await serve(m.app) for m in c.members]
     for m in c.members:
-        c.connect(m)
+        m.client = PeerClient(
+            network=NETWORK,
+            org=m.org.id,
+            key=m.org.node_key,
+            peers={
+                o.org.id: url
+                for o, (_, _, url) in zip(c.members, servers, strict=True)
+                if o is not m
+            },
+        )
     assert follower.client is not None
     relay = PeerRelay(follower.client, follower.monitor)
     url = f"{etcd.url}/relay{next(_roots)}"
@@ -62,12 +91,16 @@ async def pair(tmp_path: Path, etcd: EtcdCluster) -> AsyncIterator[Pair]:
     await leader.node.start(url, **opts)
     await follower.node.start(url, relay=relay, **opts)
     try:
-        yield Pair(c, leader, follower, relay)
+        yield Pair(c, leader, follower, relay, servers[0][2])
     finally:
         for m in c.members:
+            await m.node.close()
             if m.client is not None:
                 await m.client.close()
-            await m.node.close()
+        await relay.close()
+        for server, task, _ in servers:
+            server.should_exit = True
+            await task
 
 
 async def post_txs(member: Member, raws: list[bytes]) -> list[dict[str, object]]:
@@ -99,42 +132,48 @@ async def test_what_a_follower_receives_is_proposed_by_the_first_member(pair: Pa
     assert again[0]["ok"] is False and again[0]["error"] == "replayed"
 
 
-async def test_the_relay_endpoint_takes_only_signed_member_requests(pair: Pair) -> None:
+async def test_the_relay_takes_only_a_signed_member_connection(pair: Pair) -> None:
+    url = "ws" + pair.leader_url[4:] + RELAY_PATH
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(url):
+            pass
+    assert refused.value.response.status_code == 403
+    headers = sign_request(
+        pair.c.orgs[1].admin,  # not a node key
+        network=NETWORK,
+        org="org-2",
+        audience="org-1",
+        method="GET",
+        path=RELAY_PATH,
+    )
+    with pytest.raises(InvalidStatus):
+        async with connect(url, additional_headers=headers):
+            pass
+
+
+async def test_malformed_relays_are_refused_one_by_one(pair: Pair) -> None:
     raws = [tx.raw for tx in pair.c.orgs[1].anchor(1, now())]
-    transport = httpx.ASGITransport(app=pair.leader.app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://node.test") as http:
-        resp = await http.post("/peer/v1/relay", content=encode(raws))
-    assert resp.status_code == 401
-    client = pair.follower.client
-    assert client is not None
-    # malformed bodies and transactions are refused whole
     with pytest.raises(PeerRequestError) as bad:
-        await client.request(
-            "org-1", "POST", "/peer/v1/relay", body=encode({"txs": raws}), content_type=CBOR
-        )
+        await pair.relay.forward("org-1", [b"\x01not a transaction"])
     assert bad.value.status == 400
     with pytest.raises(PeerRequestError) as bad:
-        await client.relay_txs("org-1", [b"\x01not a transaction"])
-    assert bad.value.status == 400
-    with pytest.raises(PeerRequestError) as bad:
-        await client.relay_txs("org-1", [])
+        await pair.relay.forward("org-1", [])
     assert bad.value.status == 413
     # queued, not awaited: the answer names a revision below the proposal to come
-    rev = await client.relay_txs("org-1", raws)
+    rev = await pair.relay.forward("org-1", raws)
     assert isinstance(rev, int) and rev > 0
 
 
 async def test_a_halted_or_stopped_proposer_refuses_relays(pair: Pair) -> None:
-    client = pair.follower.client
-    assert client is not None
     raws = [tx.raw for tx in pair.c.orgs[1].anchor(1, now())]
     pair.leader.monitor.halted_reason = "divergence at height 3"
-    with pytest.raises(PeerUnavailable, match="halted"):
-        await client.relay_txs("org-1", raws)
+    with pytest.raises(PeerRequestError, match="halted") as refused:
+        await pair.relay.forward("org-1", raws)
+    assert refused.value.status == 503
     pair.leader.monitor.halted_reason = None
     await pair.leader.node.stop_orderer()
-    with pytest.raises(PeerUnavailable, match="etcd"):
-        await client.relay_txs("org-1", raws)
+    with pytest.raises(PeerRequestError, match="etcd"):
+        await pair.relay.forward("org-1", raws)
     # the follower then proposes what it receives itself
     got = await post_txs(pair.follower, raws)
     assert got[0]["ok"] is True, got

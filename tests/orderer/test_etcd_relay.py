@@ -89,6 +89,8 @@ async def test_the_proposer_decision_reaches_the_relaying_submitter(net: Network
     signer = net.signer("h2")
     tx = signer.anchor()
     await a.submit(tx)
+    # once h2 has applied that block, a later copy is what its submission gets: a replay
+    await etcd_orderer(b).wait_revision(etcd_orderer(a).revision)
     with pytest.raises(ReplayedTransaction):
         await b.submit(tx)  # carried by h1's next proposal, refused as a replay
     assert relay.calls and relay.calls[-1] == ("h1", [tx.raw])

@@ -243,6 +243,16 @@ class PeerClient:
         self._transports = dict(transports or {})
         self._clients: dict[str, httpx.AsyncClient] = {}
 
+    @property
+    def timeout(self) -> float:
+        """Seconds a request may take by default."""
+        return self._timeout
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """How peers' TLS certificates are checked (as given to httpx)."""
+        return self._verify
+
     def _client(self, org: str) -> httpx.AsyncClient:
         client = self._clients.get(org)
         if client is None:
@@ -381,26 +391,6 @@ class PeerClient:
         if not isinstance(doc, list):
             raise PeerUnavailable(f"node of {org!r} sent a malformed submit answer")
         return doc
-
-    async def relay_txs(self, org: str, raws: Sequence[bytes], wait: float = 5.0) -> int:
-        """Hand signed transactions to a node for its next proposals (etcd relaying).
-
-        Returns once that node has queued them (it does not wait for them to commit),
-        with the etcd revision it had seen then (see
-        :meth:`medledger.orderer.etcd.EtcdOrderer.accept_relayed`). Raises
-        :class:`PeerUnavailable` or :class:`PeerRequestError` when they were not
-        handed over.
-        """
-        resp = await self.request(
-            org, "POST", "/peer/v1/relay", body=encode(list(raws)), content_type=CBOR, wait=wait
-        )
-        doc = _cbor(resp, org)
-        if not isinstance(doc, dict):
-            raise PeerUnavailable(f"node of {org!r} sent a malformed relay answer")
-        rev = doc.get("revision")
-        if doc.get("queued") != len(raws) or not isinstance(rev, int) or rev < 0:
-            raise PeerUnavailable(f"node of {org!r} sent a malformed relay answer")
-        return rev
 
 
 def _cbor(resp: httpx.Response, org: str) -> Any:

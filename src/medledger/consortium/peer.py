@@ -31,11 +31,14 @@ see :mod:`medledger.consortium.auth`):
     still decides on its own state but only checks that entry (by the caller's
     node, naming this actor, record and purpose, recent) instead of logging a
     second one.
-``POST /peer/v1/relay`` (CBOR list of signed transactions) → CBOR ``{"queued", "revision"}``
+``/peer/v1/relay`` (WebSocket; the handshake is signed)
     another member's node hands over the transactions it received, for this node
-    to propose (see "Relaying" in :mod:`medledger.orderer.etcd`); answered once
-    they are queued, all or none (400 if one does not parse, 503 while writes are
-    halted or the node is not ordering).
+    to propose (see "Relaying" in :mod:`medledger.orderer.etcd`): each message, a
+    CBOR array of signed transactions, is answered in order with CBOR
+    ``{"queued", "revision"}`` once they are queued (all or none), or
+    ``{"error", "message", "status"}`` (400 if one does not parse, 503 while
+    writes are halted or the node is not ordering). See
+    :mod:`medledger.consortium.relay`.
 ``GET /ledger/v1/seq/<key id hex>``
     ``{"seq"}``: the last sequence number the key used on this node's ledger
     (what a client signing its own transactions needs next, plus one).
@@ -53,12 +56,14 @@ import secrets
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import HTTPConnection
 
 from medledger.consortium.auth import PeerAuthError, RequestVerifier, current_node_keys
 from medledger.consortium.client import CBOR, BlockBundle, RecordRequest, RemoteRecord
 from medledger.consortium.gossip import CheckpointBook, ConsortiumMonitor
+from medledger.consortium.relay import RELAY_PATH
 from medledger.contracts.access import AccessRequest, Decision, decide
 from medledger.contracts.base import get_obj
 from medledger.contracts.core import k_key, k_org, k_principal, k_seq
@@ -478,7 +483,7 @@ def health_json(node: Node, org: str, monitor: ConsortiumMonitor) -> dict[str, A
     }
 
 
-def _raw_target(request: Request) -> str:
+def _raw_target(request: HTTPConnection) -> str:
     raw = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
     path = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
     qs = request.scope.get("query_string") or b""
@@ -589,14 +594,34 @@ def create_peer_app(service: PeerService) -> FastAPI:
         remote = await service.fetch_record(org, req)
         return _cbor_response(remote.to_wire())
 
-    @app.post("/peer/v1/relay")
-    async def relay(request: Request, org: str = Caller) -> Response:
-        doc = decode(await request.body())
-        if not isinstance(doc, list) or not all(isinstance(r, bytes) for r in doc):
-            raise Refused("body must be a CBOR array of signed transactions")
-        if not 1 <= len(doc) <= MAX_PROPOSAL_TXS:
-            raise Refused(f"1..{MAX_PROPOSAL_TXS} transactions per relay", 413)
-        return _cbor_response(await service.relay_txs(org, doc))
+    @app.websocket(RELAY_PATH)
+    async def relay(ws: WebSocket) -> None:
+        # the handshake is a signed GET (see medledger.consortium.relay); then each
+        # message is answered in order, with its queueing or its refusal
+        try:
+            org = await service.verifier.verify("GET", _raw_target(ws), ws.headers, b"")
+        except PeerAuthError as exc:
+            log.warning("refused a relay connection: %s", exc)
+            await ws.close(code=1008, reason="not signed by a member's node key")
+            return
+        await ws.accept()
+        try:
+            while True:
+                message = await ws.receive_bytes()
+                try:
+                    doc = decode(message)
+                    if not isinstance(doc, list) or not all(isinstance(r, bytes) for r in doc):
+                        raise Refused("a relay message is a CBOR array of signed transactions")
+                    if not 1 <= len(doc) <= MAX_PROPOSAL_TXS:
+                        raise Refused(f"1..{MAX_PROPOSAL_TXS} transactions per relay message", 413)
+                    answer = await service.relay_txs(org, doc)
+                except Refused as exc:
+                    answer = {"error": exc.error, "message": str(exc), "status": exc.status}
+                except EncodingError as exc:
+                    answer = {"error": exc.code, "message": str(exc), "status": 400}
+                await ws.send_bytes(encode(answer))
+        except WebSocketDisconnect:
+            return
 
     @app.get("/ledger/v1/seq/{key_id}")
     async def last_seq(key_id: str) -> dict[str, Any]:

@@ -76,9 +76,11 @@ own: one node then proposes for the consortium. Relaying changes nothing that
 the ledger decides, only who proposes. The relaying node answers its submitters
 as before, once the block holding each transaction is committed here: it
 recognises its transactions (by id) in whichever proposal carries them after the
-hand-over (above the etcd revision the proposer names when it queues them; an
-earlier copy is someone else's submission, which makes this one a replay), with
-the acceptance or rejection that proposal's block gives them. Transactions that
+hand-over (above the etcd revision it had seen when it sent them, raised to the one
+the proposer names when it queues them: an earlier copy is someone else's
+submission, which makes this one a replay), with the acceptance or rejection that
+proposal's block gives them. Hand-overs are not awaited one by one (at most
+``relay_window`` unanswered): the relay keeps them in order. Transactions that
 could not be handed over (the proposer refuses or is unreachable) are proposed
 here, and so are those handed over that no proposal has carried after
 ``relay_timeout`` seconds while their proposer landed nothing (it died: what it
@@ -601,7 +603,8 @@ class EtcdOrderer:
     ``tls`` an :class:`EtcdTLS` to reach etcd over TLS (``etcds://``); ``relay`` a
     :class:`Relay` (None: this node proposes what it receives), ``relay_timeout``
     seconds before transactions handed to a proposer that has landed nothing since
-    are proposed here, ``relay_retry`` seconds a failed proposer is passed over.
+    are proposed here, ``relay_retry`` seconds a failed proposer is passed over,
+    ``relay_window`` relayed batches at most awaiting the proposer's answer.
     """
 
     def __init__(
@@ -628,6 +631,7 @@ class EtcdOrderer:
         relay: Relay | None = None,
         relay_timeout: float = 2.0,
         relay_retry: float = 5.0,
+        relay_window: int = 8,
     ) -> None:
         if not endpoints:
             raise ValueError("the etcd orderer needs at least one endpoint")
@@ -666,6 +670,10 @@ class EtcdOrderer:
         self._relay_order: collections.deque[_Item] = collections.deque()
         self._landed_by: dict[str, float] = {}  # org -> loop time its last proposal was applied
         self._front: collections.deque[_Item] = collections.deque()  # to propose before the queue
+        self._relay_slots = asyncio.Semaphore(max(1, relay_window))
+        self._relay_failed = False  # a hand-over failed: take back what is undecided
+        self._kick = asyncio.Event()  # wakes the propose loop when that happens
+        self._handing: set[asyncio.Task[None]] = set()
         self._pool: ProcessPoolExecutor | None = None
         # connections: writes and reads; the watch stream has its own
         self._conn = _Conn(endpoints, request_timeout, tls=tls)
@@ -778,12 +786,16 @@ class EtcdOrderer:
 
     async def stop(self) -> None:
         self._closed = True
-        for task in self._tasks:
+        for task in (*self._tasks, *self._handing):
             task.cancel()
-        for task in self._tasks:
+        for task in (*self._tasks, *self._handing):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        close = getattr(self._relay, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
         self._fail_all(OrdererError("the node is shutting down; not committed"))
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
@@ -1033,18 +1045,29 @@ class EtcdOrderer:
 
     async def _next(self) -> _Item:
         """The first item of the next batch: re-queued ones before the queue. While it
-        waits, transactions relayed to a proposer that does not carry them come back."""
+        waits, transactions relayed to a proposer that failed or does not carry them
+        come back (nothing is half-collected then, so they keep their place)."""
         while True:
+            if self._relay_failed:
+                self._fall_back()
             wait = self._check_relayed()
             if self._front:
                 return self._front.popleft()
             if not self._queue.empty():
                 return self._queue.get_nowait()
+            self._kick.clear()
+            getter = asyncio.ensure_future(self._queue.get())
+            kicked = asyncio.ensure_future(self._kick.wait())
             try:
-                async with asyncio.timeout(wait):
-                    return await self._queue.get()
-            except TimeoutError:
-                continue
+                await asyncio.wait(
+                    {getter, kicked}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                kicked.cancel()
+                if not getter.done():
+                    getter.cancel()  # nothing was taken: the queue keeps its items
+            if getter.done() and not getter.cancelled():
+                return getter.result()
 
     # -- relaying -------------------------------------------------------------------------
     def _relay_target(self, batch: list[_Item]) -> str | None:
@@ -1059,54 +1082,77 @@ class EtcdOrderer:
                 return org
         return None
 
-    async def _hand_over(self, org: str, batch: list[_Item]) -> None:
-        """Relay ``batch`` to ``org``'s node; if that fails, queue it to be proposed here."""
+    def _hand_over(self, org: str, batch: list[_Item]) -> None:
+        """Relay ``batch`` to ``org``'s node without waiting for the answer (the relay
+        keeps the order of its calls); a refusal or failure takes it back (see
+        :meth:`_fall_back`). Until the answer names the proposer's revision, the
+        revision this node has seen stands for it: no proposal up to there carries
+        ``batch``, and one that does is recognised even if it lands first."""
         assert self._relay is not None
-        try:
-            floor = await self._relay.forward(org, [it.tx.raw for it in batch])
-        except Exception as exc:  # whatever the transport raises: not handed over
-            log.warning(
-                "relaying %d transactions to %s failed (%s); proposing them here",
-                len(batch),
-                org,
-                exc,
-            )
-            self._fall_back(org, batch)
-            return
         now = asyncio.get_running_loop().time()
+        seen = max(1, self._next_rev - 1)
+        fresh = [it for it in batch if it.floor == 0]  # handed over for the first time
+        for it in fresh:
+            it.floor = seen
         for it in batch:
-            # handed over again after a fall-back: a copy of the first hand-over counts too
-            it.floor = int(floor) if it.floor == 0 else min(it.floor, int(floor))
             it.relayed_at, it.relayed_to = now, org
             self._relayed.setdefault(it.tx.tx_id, []).append(it)
             self._relay_order.append(it)
+        task = asyncio.create_task(self._handed_over(org, batch, fresh))
+        self._handing.add(task)
+        task.add_done_callback(self._handing.discard)
 
-    def _fall_back(self, org: str, batch: Sequence[_Item] = ()) -> None:
-        """Pass over ``org`` for a while; propose what was relayed and is still undecided,
-        then ``batch``, before anything queued after them (submission order kept).
+    async def _handed_over(self, org: str, batch: list[_Item], fresh: list[_Item]) -> None:
+        assert self._relay is not None
+        try:
+            floor = await self._relay.forward(org, [it.tx.raw for it in batch])
+        except Exception as exc:  # whatever the transport raises: maybe not handed over
+            if not self._relay_failed:
+                log.warning(
+                    "relaying %d transactions to %s failed (%s); proposing them here",
+                    len(batch),
+                    org,
+                    exc,
+                )
+            self._relay_down[org] = asyncio.get_running_loop().time() + self._relay_retry
+            self._relay_failed = True  # taken back by the propose loop, in order
+            self._kick.set()
+        else:
+            # only the first hand-over's answer may raise the floor: an earlier copy,
+            # if one landed, came from that one
+            for it in fresh:
+                it.floor = max(it.floor, int(floor))
+        finally:
+            self._relay_slots.release()
+
+    def _requeue(self, batch: list[_Item]) -> None:
+        """Put a collected batch back in front (with the item carried after it)."""
+        behind = list(self._front)
+        if self._carry is not None:
+            behind.insert(0, self._carry)
+            self._carry = None
+        self._front.clear()
+        self._front.extend(batch)
+        self._front.extend(behind)
+
+    def _fall_back(self) -> None:
+        """Propose here what was relayed and is still undecided, before anything queued
+        after it (submission order kept).
 
         The re-queued transactions stay known by id, so that they are answered from
         whichever proposal carries them first (the other copy is refused as a replay).
         """
-        self._relay_down[org] = asyncio.get_running_loop().time() + self._relay_retry
+        self._relay_failed = False
         ahead = [it for it in self._relay_order if not it.fut.done()]
         self._relay_order.clear()
         for it in ahead:
             it.relayed_at, it.relayed_to = 0.0, ""
-        behind = list(self._front)
-        if self._carry is not None:  # taken after ``batch``: it goes after it
-            behind.insert(0, self._carry)
-            self._carry = None
-        self._front.clear()
-        self._front.extend(ahead)
-        self._front.extend(batch)
-        self._front.extend(behind)
+        back: dict[int, _Item] = {}  # an item handed over twice goes back once
+        for it in ahead:
+            back.setdefault(id(it), it)
+        self._requeue(list(back.values()))
         if ahead:
-            log.warning(
-                "%d transactions relayed to %s were not proposed in time; proposing them here",
-                len(ahead),
-                org,
-            )
+            log.warning("%d relayed transactions taken back to be proposed here", len(ahead))
 
     def _check_relayed(self) -> float | None:
         """Take back relayed transactions that their proposer does not carry in time.
@@ -1134,7 +1180,9 @@ class EtcdOrderer:
         alive = self._landed_by.get(first.relayed_to, -1e18) >= now - self._relay_timeout
         if alive and age < limit:
             return min(limit - age, self._relay_timeout / 4)
-        self._fall_back(first.relayed_to)
+        log.warning("%s did not propose what was relayed to it in time", first.relayed_to)
+        self._relay_down[first.relayed_to] = now + self._relay_retry
+        self._fall_back()
         return 0.0
 
     def _settle(self, tx_id: bytes, rev: int, outcome: Receipt | Exception) -> None:
@@ -1191,7 +1239,15 @@ class EtcdOrderer:
                 continue
             target = self._relay_target(batch)
             if target is not None:
-                await self._hand_over(target, batch)
+                await self._relay_slots.acquire()  # at most relay_window unanswered
+                if self._relay_failed:  # one failed meanwhile: what it carried goes first
+                    self._relay_slots.release()
+                    self._requeue(batch)
+                    continue
+                self._hand_over(target, batch)
+                continue
+            if self._relay_failed:
+                self._requeue(batch)
                 continue
             p = Proposal.create(
                 self._key,
