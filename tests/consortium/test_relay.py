@@ -22,11 +22,16 @@ from websockets.exceptions import InvalidStatus
 from etcd_cluster import EtcdCluster, free_port
 from medledger.consortium.auth import sign_request
 from medledger.consortium.client import CBOR, PeerClient, PeerRequestError
+from medledger.consortium.config import load_config
 from medledger.consortium.gossip import ConsortiumMonitor, Divergence
 from medledger.consortium.relay import RELAY_PATH, PeerRelay
+from medledger.datadir import DataDir
 from medledger.encoding import decode, encode
+from medledger.ledger.block import BlockHeader
+from medledger.store import open_store
 
 from .conftest import NETWORK, Consortium, Member, add_member, genesis_doc, make_orgs
+from .procs import Load, LocalNetwork
 
 
 @pytest.fixture(scope="module")
@@ -199,3 +204,32 @@ def test_the_proposer_is_the_first_healthy_member_in_order() -> None:
     monitor.contact("org-2", 6)
     assert relay.proposers() == ["org-2", "org-3"]
     asyncio.run(client.close())
+
+
+async def test_a_consortium_with_relay_on_has_one_proposer(tmp_path: Path) -> None:
+    # real node processes started from node.toml with relay = true
+    net = await asyncio.to_thread(LocalNetwork, tmp_path, orderer_options={"relay": True})
+    try:
+        await asyncio.to_thread(net.start)
+        load = Load(net, batch=10)
+        load.start([(org, net.load_keys(org)[0]) for org in net.orgs])
+        await asyncio.sleep(3)
+        await load.stop()
+        assert len(load.acked) > 100 and not load.errors, load.errors[-5:]
+        healths = await net.converged()
+        org1 = load_config(net.node("org-1")["config"])
+        leader = DataDir(org1.data_dir).identity(org1.node_key_name).signing.key_id
+        store = open_store(net.node("org-3")["store"])
+        try:
+            proposers = set()
+            for height in range(1, int(healths[0]["height"]) + 1):
+                block = store.get_block(height)
+                assert block is not None
+                proposers.add(BlockHeader.from_bytes(block.header).proposer)
+            # every acknowledged transaction is on org-3's ledger, all proposed by org-1
+            assert all(store.has_tx(t) for t in load.acked)
+        finally:
+            store.close()
+        assert proposers == {leader}
+    finally:
+        await asyncio.to_thread(net.close)

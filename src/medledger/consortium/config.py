@@ -29,8 +29,8 @@ Example::
     [orderer_options]                  # passed to the orderer (medledger.orderer.etcd)
     compact_interval = 60.0
     # min_interval = 0.1               # proposals at least this far apart (s): fewer blocks
-    # relay = false                    # propose what this node receives itself (default:
-    #                                  # hand it to the first healthy member's node)
+    # relay = true                     # hand what this node receives to the first healthy
+    #                                  # member's node, which proposes for all (default: off)
     # with orderer = "etcds://...": TLS to etcd (PEM files; cert and key for
     # members started with --client-cert-auth)
     # tls_ca = "/etc/medledger/etcd-ca.pem"

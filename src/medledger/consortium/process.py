@@ -296,8 +296,8 @@ class NodeProcess:
         assert self.node is not None
         node = self.node
         options = dict(self.orderer_options)
-        # relaying (on unless ``relay = false``): one member's node proposes for all
-        if options.pop("relay", True) and self.cfg.peers:
+        # relaying (``relay = true``): one member's node proposes for all
+        if options.pop("relay", False) and self.cfg.peers:
             assert self.client is not None
             options["relay"] = PeerRelay(self.client, self.monitor)
         delay = 0.2

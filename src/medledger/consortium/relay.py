@@ -4,7 +4,8 @@ The etcd orderer can hand the transactions a node receives to another node, whic
 proposes them with its own (see "Relaying" in :mod:`medledger.orderer.etcd`):
 every proposal costs every node a block, so one proposer for the consortium makes
 fewer, larger blocks than one per node. :class:`PeerRelay` is the node process's
-:class:`~medledger.orderer.etcd.Relay`:
+:class:`~medledger.orderer.etcd.Relay`, with ``relay = true`` in its ``[orderer_options]``
+(off by default: near saturation the one proposer's pipeline is the bottleneck):
 
 * **Who proposes.** The first organisation, in sorted order, of this node and the
   members' nodes that gossip has not found unreachable or divergent, so every
