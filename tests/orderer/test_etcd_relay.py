@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -52,6 +53,19 @@ class LocalRelay:
         return orderer.accept_relayed([Transaction.from_bytes(r) for r in raws])
 
 
+async def relaying_pair(
+    net: Network, *, unreachable: Sequence[str] = (), lose: Sequence[str] = (), **options: Any
+) -> tuple[Node, Node, LocalRelay]:
+    """h1's node, and h2's node relaying to it (through ``LocalRelay``, set up as asked)."""
+    a = await net.node("h1")
+    relay = LocalRelay(["h1", "h2"])
+    relay.unreachable.update(unreachable)
+    relay.lose.update(lose)
+    b = await net.node("h2", relay=relay, **options)
+    relay.nodes = {"h1": a, "h2": b}
+    return a, b, relay
+
+
 async def proposer_of(node: Node, receipt: Receipt) -> bytes:
     header, _ = await node.get_block(receipt.height)
     assert isinstance(header, BlockHeader)
@@ -59,10 +73,7 @@ async def proposer_of(node: Node, receipt: Receipt) -> bytes:
 
 
 async def test_a_relaying_node_answers_from_the_blocks_its_proposer_makes(net: Network) -> None:
-    a = await net.node("h1")
-    relay = LocalRelay(["h1", "h2"])
-    b = await net.node("h2", relay=relay)
-    relay.nodes = {"h1": a, "h2": b}
+    a, b, relay = await relaying_pair(net)
     signer = net.signer("h2")
     txs = [signer.anchor() for _ in range(5)]
     receipts = await asyncio.gather(*(b.submit(tx) for tx in txs))
@@ -82,10 +93,7 @@ async def test_a_relaying_node_answers_from_the_blocks_its_proposer_makes(net: N
 
 
 async def test_the_proposer_decision_reaches_the_relaying_submitter(net: Network) -> None:
-    a = await net.node("h1")
-    relay = LocalRelay(["h1", "h2"])
-    b = await net.node("h2", relay=relay)
-    relay.nodes = {"h1": a, "h2": b}
+    a, b, relay = await relaying_pair(net)
     signer = net.signer("h2")
     tx = signer.anchor()
     await a.submit(tx)
@@ -103,11 +111,7 @@ async def test_the_proposer_decision_reaches_the_relaying_submitter(net: Network
 async def test_an_unreachable_proposer_is_passed_over_and_the_node_proposes_itself(
     net: Network,
 ) -> None:
-    a = await net.node("h1")
-    relay = LocalRelay(["h1", "h2"])
-    relay.unreachable.add("h1")
-    b = await net.node("h2", relay=relay, relay_retry=60.0)
-    relay.nodes = {"h1": a, "h2": b}
+    a, b, relay = await relaying_pair(net, unreachable=["h1"], relay_retry=60.0)
     signer = net.signer("h2")
     receipt = await b.submit(signer.anchor())
     assert await proposer_of(b, receipt) == net.node_keys["h2"].key_id
@@ -121,11 +125,8 @@ async def test_an_unreachable_proposer_is_passed_over_and_the_node_proposes_itse
 
 
 async def test_what_a_dead_proposer_never_proposed_is_proposed_here_in_order(net: Network) -> None:
-    a = await net.node("h1")
-    relay = LocalRelay(["h1", "h2"])
-    relay.lose.add("h1")  # h1 takes them and never proposes them
-    b = await net.node("h2", relay=relay, relay_timeout=0.5)
-    relay.nodes = {"h1": a, "h2": b}
+    # h1 takes them and never proposes them
+    a, b, _ = await relaying_pair(net, lose=["h1"], relay_timeout=0.5)
     signer = net.signer("h2")
     txs = [signer.anchor() for _ in range(3)]  # seq 1, 2, 3: must land in this order
     t0 = time.monotonic()
@@ -147,11 +148,7 @@ async def test_what_a_dead_proposer_never_proposed_is_proposed_here_in_order(net
 async def test_a_proposer_that_keeps_landing_proposals_is_waited_for(net: Network) -> None:
     # h1 is alive (its own proposals land) but slow to carry h2's: h2 waits for it up to
     # half the submit timeout instead of proposing copies after relay_timeout
-    a = await net.node("h1")
-    relay = LocalRelay(["h1", "h2"])
-    relay.lose.add("h1")
-    b = await net.node("h2", relay=relay, relay_timeout=0.3, submit_timeout=4.0)
-    relay.nodes = {"h1": a, "h2": b}
+    a, b, _ = await relaying_pair(net, lose=["h1"], relay_timeout=0.3, submit_timeout=4.0)
 
     async def keep_landing() -> None:
         signer = net.signer("h1")
@@ -197,11 +194,7 @@ async def test_a_node_that_is_first_in_the_order_proposes_itself(net: Network) -
 
 
 async def test_a_stopped_node_fails_what_it_relayed_and_refuses_relays(net: Network) -> None:
-    a = await net.node("h1")
-    relay = LocalRelay(["h1", "h2"])
-    relay.lose.add("h1")
-    b = await net.node("h2", relay=relay)
-    relay.nodes = {"h1": a, "h2": b}
+    _, b, relay = await relaying_pair(net, lose=["h1"])
     fut = b.enqueue(net.signer("h2").anchor())
     await relay.called.wait()
     orderer = etcd_orderer(b)

@@ -69,7 +69,10 @@ block and are decided again on the same state, with the same outcome.
 committing it, its etcd write and watch events): with each node proposing what it
 receives, a consortium of ``n`` nodes makes ``n`` times as many blocks as one
 proposer would, each smaller. With a :class:`Relay` (the node process gives one
-that knows the other members' nodes), a node hands the transactions it receives
+that knows the other members' nodes when its configuration says ``relay = true``;
+off by default, as near saturation the one proposer's pipeline, which never
+overlaps one block's etcd round trip and checks with the previous block's
+application, becomes the bottleneck), a node hands the transactions it receives
 to the first node of ``relay.proposers()`` (the same preference order on every
 node; its own organisation is among them) and that node proposes them with its
 own: one node then proposes for the consortium. Relaying changes nothing that
