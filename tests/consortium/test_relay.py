@@ -154,6 +154,16 @@ async def test_the_relay_takes_only_a_signed_member_connection(pair: Pair) -> No
     with pytest.raises(InvalidStatus):
         async with connect(url, additional_headers=headers):
             pass
+    # a member's node that sends text instead of CBOR is answered with a refusal
+    assert pair.follower.client is not None
+    client = pair.follower.client
+    signed = sign_request(
+        client.key, network=NETWORK, org="org-2", audience="org-1", method="GET", path=RELAY_PATH
+    )
+    async with connect(url, additional_headers=signed) as ws:
+        await ws.send("not cbor")
+        answer = decode(await ws.recv(decode=False))
+        assert answer["status"] == 400 and "binary" in answer["message"]
 
 
 async def test_malformed_relays_are_refused_one_by_one(pair: Pair) -> None:

@@ -607,8 +607,13 @@ def create_peer_app(service: PeerService) -> FastAPI:
         await ws.accept()
         try:
             while True:
-                message = await ws.receive_bytes()
+                received = await ws.receive()
+                if received["type"] == "websocket.disconnect":
+                    return
                 try:
+                    message = received.get("bytes")
+                    if message is None:
+                        raise Refused("relay messages are binary (CBOR)")
                     doc = decode(message)
                     if not isinstance(doc, list) or not all(isinstance(r, bytes) for r in doc):
                         raise Refused("a relay message is a CBOR array of signed transactions")
