@@ -21,7 +21,13 @@ from websockets.exceptions import InvalidStatus
 
 from etcd_cluster import EtcdCluster, free_port
 from medledger.consortium.auth import sign_request
-from medledger.consortium.client import CBOR, PeerClient, PeerRequestError
+from medledger.consortium.client import (
+    CBOR,
+    PeerClient,
+    PeerRequestError,
+    PeerUnavailable,
+    tls_context,
+)
 from medledger.consortium.config import load_config
 from medledger.consortium.gossip import ConsortiumMonitor, Divergence
 from medledger.consortium.relay import RELAY_PATH, PeerRelay
@@ -29,6 +35,7 @@ from medledger.datadir import DataDir
 from medledger.encoding import decode, encode
 from medledger.ledger.block import BlockHeader
 from medledger.store import open_store
+from tls_files import TLSFiles, make_tls_files
 
 from .conftest import NETWORK, Consortium, Member, add_member, genesis_doc, make_orgs
 from .procs import Load, LocalNetwork
@@ -56,18 +63,28 @@ def now() -> int:
     return int(time.time() * 1000)
 
 
-async def serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
-    """``app`` on a loopback port (WebSockets need a real server)."""
+async def serve(
+    app: Any, tls: TLSFiles | None = None
+) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    """``app`` on a loopback port (WebSockets need a real server), over TLS if given."""
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+        uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            ssl_certfile=None if tls is None else str(tls.server_cert),
+            ssl_keyfile=None if tls is None else str(tls.server_key),
+        )
     )
     task = asyncio.create_task(server.serve())
     while not server.started:
         if task.done():
             task.result()
         await asyncio.sleep(0.01)
-    return server, task, f"http://127.0.0.1:{port}"
+    return server, task, f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -194,6 +211,42 @@ async def test_a_halted_or_stopped_proposer_refuses_relays(pair: Pair) -> None:
     assert got[0]["ok"] is True, got
     header, _ = await pair.follower.node.get_block(int(got[0]["height"]))  # type: ignore[call-overload]
     assert header.proposer == pair.c.orgs[1].node_key.key_id
+
+
+async def test_the_relay_runs_over_tls_with_the_consortium_ca(
+    tmp_path: Path, etcd: EtcdCluster
+) -> None:
+    tls = make_tls_files(tmp_path / "tls", "peer")
+    orgs = make_orgs(2)
+    c = Consortium(orgs, genesis_doc(orgs))
+    for org in orgs:
+        await add_member(c, tmp_path, org)
+    leader, follower = c.members
+    server, task, url = await serve(leader.app, tls)
+    assert url.startswith("https://")
+
+    def client(verify: Any) -> PeerClient:
+        return PeerClient(
+            network=NETWORK, org="org-2", key=orgs[1].node_key, peers={"org-1": url}, verify=verify
+        )
+
+    trusting, untrusting = client(tls_context(tls.ca)), client(True)
+    relay, stranger = PeerRelay(trusting, follower.monitor), PeerRelay(untrusting, follower.monitor)
+    await leader.node.start(
+        f"{etcd.url}/relay{next(_roots)}", verify_workers=0, compact_interval=None
+    )
+    try:
+        raws = [tx.raw for tx in orgs[1].anchor(2, now())]
+        assert await relay.forward("org-1", raws) > 0  # wss://, the consortium CA trusted
+        with pytest.raises(PeerUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
+            await stranger.forward("org-1", raws)  # a server it cannot verify: refused
+    finally:
+        await relay.close()
+        await stranger.close()
+        for m in c.members:
+            await m.node.close()
+        server.should_exit = True
+        await task
 
 
 def test_the_proposer_is_the_first_healthy_member_in_order() -> None:
