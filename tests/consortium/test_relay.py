@@ -196,6 +196,24 @@ async def test_malformed_relays_are_refused_one_by_one(pair: Pair) -> None:
     assert isinstance(rev, int) and rev > 0
 
 
+async def test_bad_submit_bodies_are_refused_and_change_nothing(pair: Pair) -> None:
+    # the submit endpoint and the relay share one check of a batch of transactions
+    node = pair.follower.node
+    height = node.head.height
+    transport = httpx.ASGITransport(app=pair.follower.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://node.test") as http:
+        for body, status in [
+            (b"\xff", 400),  # not CBOR
+            (encode({"txs": []}), 400),  # not an array
+            (encode(["text"]), 400),  # not transactions
+            (encode([b"x"] * 10_001), 413),  # too many
+        ]:
+            resp = await http.post("/ledger/v1/txs", content=body)
+            assert resp.status_code == status, (body[:20], resp.text)
+            assert "message" in resp.json()
+    assert node.head.height == height
+
+
 async def test_a_halted_or_stopped_proposer_refuses_relays(pair: Pair) -> None:
     raws = [tx.raw for tx in pair.c.orgs[1].anchor(1, now())]
     pair.leader.monitor.halted_reason = "divergence at height 3"

@@ -490,6 +490,18 @@ def _raw_target(request: HTTPConnection) -> str:
     return path + ("?" + qs.decode("latin-1") if qs else "")
 
 
+def _raw_txs(data: bytes, what: str, least: int, most: int) -> list[bytes]:
+    """``data`` decoded as a CBOR array of ``least``..``most`` signed transactions (their
+    bytes). Raises :class:`EncodingError` for bad CBOR, :class:`Refused` otherwise (413
+    for the count)."""
+    doc = decode(data)
+    if not isinstance(doc, list) or not all(isinstance(r, bytes) for r in doc):
+        raise Refused(f"{what} must be a CBOR array of signed transactions")
+    if not least <= len(doc) <= most:
+        raise Refused(f"{least}..{most} transactions per request ({what}): {len(doc)}", 413)
+    return doc
+
+
 def _cbor_response(doc: Any, status: int = 200) -> Response:
     return Response(encode(doc), status_code=status, media_type=CBOR)
 
@@ -614,12 +626,8 @@ def create_peer_app(service: PeerService) -> FastAPI:
                     message = received.get("bytes")
                     if message is None:
                         raise Refused("relay messages are binary (CBOR)")
-                    doc = decode(message)
-                    if not isinstance(doc, list) or not all(isinstance(r, bytes) for r in doc):
-                        raise Refused("a relay message is a CBOR array of signed transactions")
-                    if not 1 <= len(doc) <= MAX_PROPOSAL_TXS:
-                        raise Refused(f"1..{MAX_PROPOSAL_TXS} transactions per relay message", 413)
-                    answer = await service.relay_txs(org, doc)
+                    raws = _raw_txs(message, "a relay message", 1, MAX_PROPOSAL_TXS)
+                    answer = await service.relay_txs(org, raws)
                 except Refused as exc:
                     answer = {"error": exc.error, "message": str(exc), "status": exc.status}
                 except EncodingError as exc:
@@ -639,11 +647,7 @@ def create_peer_app(service: PeerService) -> FastAPI:
 
     @app.post("/ledger/v1/txs")
     async def submit(request: Request) -> Response:
-        doc = decode(await request.body())
-        if not isinstance(doc, list) or not all(isinstance(r, bytes) for r in doc):
-            raise Refused("body must be a CBOR array of signed transactions")
-        if len(doc) > MAX_SUBMIT:
-            raise Refused(f"at most {MAX_SUBMIT} transactions per request", 413)
-        return _cbor_response(await service.submit_txs(doc))
+        raws = _raw_txs(await request.body(), "the body", 0, MAX_SUBMIT)
+        return _cbor_response(await service.submit_txs(raws))
 
     return app
