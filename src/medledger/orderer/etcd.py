@@ -1050,6 +1050,8 @@ class EtcdOrderer:
         """The first item of the next batch: re-queued ones before the queue. While it
         waits, transactions relayed to a proposer that failed or does not carry them
         come back (nothing is half-collected then, so they keep their place)."""
+        if self._relay is None:  # nothing is ever relayed or taken back: just the queue
+            return await self._queue.get()
         while True:
             if self._relay_failed:
                 self._fall_back()
