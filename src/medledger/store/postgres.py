@@ -62,6 +62,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.types.string import BytesBinaryDumper
 
 from medledger.errors import StorageError
 from medledger.state.base import scan_bounds
@@ -305,6 +306,11 @@ class PostgresStore:
             conn = psycopg.connect(self.url, autocommit=True, **extra)
         except psycopg.Error as exc:
             raise StorageError(f"postgresql: cannot connect to {self._where}: {exc}") from exc
+        # A binary COPY picks its dumpers by column type, and the last one registered for
+        # bytea is psycopg's DB-API ``Binary`` wrapper's, a Python subclass called once per
+        # value; registering the plain bytes dumper again makes it the bytea one (its C
+        # version), which halves the client's cost of a commit's rows.
+        conn.adapters.register_dumper(bytes, BytesBinaryDumper)
         try:
             conn.execute("SET synchronous_commit TO on")
         except psycopg.Error as exc:
@@ -344,7 +350,7 @@ class PostgresStore:
         return self._call(what, lambda c: c.execute(sql, args, binary=True).fetchall())
 
     def _any(self, what: str, sql: str, keys: Sequence[object]) -> list[tuple[Any, ...]]:
-        """Rows of a ``= ANY(%s)`` lookup of ``keys``: never prepared (module docstring)."""
+        """Rows of a ``= ANY(...)`` lookup of ``keys``: never prepared (module docstring)."""
         return self._call(
             what, lambda c: c.execute(sql, (keys,), binary=True, prepare=False).fetchall()
         )
@@ -474,7 +480,8 @@ class PostgresStore:
         ids = list(dict.fromkeys(tx_ids))
         if not ids:
             return set()
-        rows = self._any("known_txs", "SELECT tx_id FROM ledger_txs WHERE tx_id = ANY(%s)", ids)
+        # %b: the ids go as a binary bytea array (a text one escapes every id)
+        rows = self._any("known_txs", "SELECT tx_id FROM ledger_txs WHERE tx_id = ANY(%b)", ids)
         return {bytes(r[0]) for r in rows}
 
     @staticmethod
