@@ -216,6 +216,63 @@ async def _rejected(node: Node, tx: Transaction, exc: type[TransactionRejected])
     return str(info.value)
 
 
+async def test_a_signer_suspended_or_removed_within_a_block_signs_nothing_after(
+    tmp_path: Path,
+) -> None:
+    # A block checks each signer once and remembers it (apply.build_block) until a
+    # transaction writes keys, principals or organisations: then every signer is
+    # checked anew, so what a block changes binds the transactions after it in the
+    # same block exactly as in the next one.
+    wl = Workload(98, orgs=3, patients_per_org=2)
+    node = await Node.create(_url(tmp_path / "m.db"), wl.genesis, signers=wl.signers)
+    node.clock = lambda: wl.time
+    await node.start()
+    try:
+        await _commit(node, wl.setup_txs())
+        org1, org3 = wl.org_ids[0], wl.org_ids[2]
+        doctor, other = f"phys-1-{org1}", f"phys-1-{org3}"
+
+        def note(n: int) -> dict[str, Any]:
+            return {"digest": bytes([n]) * 32, "kind": "document"}
+
+        # one block: the doctor signs, is suspended, signs again, is reinstated, signs
+        block = [
+            wl.tx(doctor, "note.anchor", note(1)),
+            wl.tx(f"admin-{org1}", "principal.suspend", {"id": doctor}),
+            wl.forge(doctor, "note.anchor", note(2)),
+        ]
+        results = await node.commit_batch(block)
+        assert isinstance(results[0], Receipt) and isinstance(results[1], Receipt)
+        assert isinstance(results[2], Unauthorized), results[2]
+        block = [
+            wl.tx(f"admin-{org1}", "principal.reinstate", {"id": doctor}),
+            wl.tx(doctor, "note.anchor", note(3)),
+        ]
+        assert all(isinstance(r, Receipt) for r in await node.commit_batch(block))
+
+        # one block: org-3's practitioner signs, org-3 is removed by majority, it signs again
+        await node.submit(
+            wl.tx(f"node:{org1}", "org.propose", {"action": "remove", "org": {"id": org3}})
+        )
+        proposal = (await node.list_txs(node.head.log_size - 1, 1))[0].tx_id.hex()
+        block = [
+            wl.tx(other, "note.anchor", note(4)),
+            wl.tx(f"admin-{wl.org_ids[1]}", "org.approve", {"proposal": proposal}),
+            wl.forge(other, "note.anchor", note(5)),
+        ]
+        results = await node.commit_batch(block)
+        assert isinstance(results[0], Receipt) and isinstance(results[1], Receipt)
+        assert isinstance(results[2], Unauthorized) and "removed" in str(results[2])
+    finally:
+        await node.close()
+    store = open_store(_url(tmp_path / "m.db"))
+    try:
+        report = verify_ledger(store)
+        assert report.ok, report.failure
+    finally:
+        store.close()
+
+
 async def test_rejections_change_nothing(tmp_path: Path) -> None:
     wl = Workload(99, orgs=3, patients_per_org=4)
     node = await Node.create(_url(tmp_path / "c.db"), wl.genesis, signers=wl.signers)

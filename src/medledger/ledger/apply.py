@@ -47,6 +47,17 @@ from medledger.state.smt import NodeStore, SparseMerkleTree
 
 __all__ = ["BlockResult", "ChainReader", "Rejection", "apply_tx", "build_block"]
 
+#: The receipt of a transaction that emits no event (most do not): encoded once.
+_NO_EVENTS = encode({"events": []})
+
+#: The state step 6 reads (:func:`~medledger.contracts.core.check_signer`: signing keys,
+#: principals, organisations). A block remembers each signer's check until a
+#: transaction writes under one of these prefixes (see :func:`build_block`).
+_SIGNER_STATE = (b"key/", b"principal/", b"org/")
+
+#: signer key id -> (its public key, the principal record step 6 returned)
+SignerMemo = dict[bytes, tuple[bytes, Mapping[str, Any]]]
+
 
 class ChainReader(StateReader, NodeStore, Protocol):
     """What building a block needs to read from the previous committed state."""
@@ -87,10 +98,14 @@ def apply_tx(
     config: Mapping[str, Any],
     seen: Callable[[bytes], bool],
     signature_checked: bool = False,
+    signers: SignerMemo | None = None,
 ) -> Effects:
     """Run the checklist above for one transaction and write its effects to ``state``.
 
     On any rejection, ``state`` is unchanged (the caller's savepoint is rolled back).
+    ``signers``, when given, holds step 6's outcome for signers already checked on
+    this same ``state`` (and height); it is emptied whenever a transaction writes
+    state that step 6 reads.
     """
     sp = state.savepoint()
     try:
@@ -100,7 +115,13 @@ def apply_tx(
             raise ReplayedTransaction(f"transaction {tx.tx_id.hex()} is already on the ledger")
         if not signature_checked:
             tx.verify_signature()
-        principal = check_signer(state, tx, height)
+        hit = signers.get(tx.signer) if signers is not None else None
+        if hit is not None and hit[0] == tx.pub:
+            principal = hit[1]
+        else:
+            principal = check_signer(state, tx, height)
+            if signers is not None:
+                signers[tx.signer] = (tx.pub, principal)
         seq_key = k_seq(tx.signer)
         last = get_obj(state, seq_key) or 0
         if tx.seq <= last:
@@ -126,6 +147,8 @@ def apply_tx(
             config=config,
         )
         fx = handler(state, tx, env)
+        if signers and any(key.startswith(_SIGNER_STATE) for key in fx.writes):
+            signers.clear()  # keys, principals or organisations change: check anew
         state.put(seq_key, encode(tx.seq))
         for key, value in fx.writes.items():
             if value is None:
@@ -161,6 +184,9 @@ def build_block(
     block_time = max(block_time, prev_header.time)
     overlay = Overlay(prev)
     in_block: set[bytes] = set()
+    # step 6 reads the same few records for every transaction of a signer: the block
+    # checks each signer once, again only after a transaction writes such a record
+    signers: SignerMemo = {}
     # the log does not change while the block is built: one lookup for the whole block
     on_ledger = prev.known_txs([tx.tx_id for tx in txs]) if txs else set()
 
@@ -181,13 +207,14 @@ def build_block(
                 config=config,
                 seen=seen,
                 signature_checked=signatures_checked,
+                signers=signers,
             )
         except TransactionRejected as exc:
             rejected.append(Rejection(tx, exc, position))
             continue
         in_block.add(tx.tx_id)
         accepted.append(tx)
-        receipts.append(encode({"events": fx.events}))
+        receipts.append(encode({"events": fx.events}) if fx.events else _NO_EVENTS)
 
     tree_nodes: list[tuple[tuple[int, int], bytes]] = []
     for tx in accepted:
