@@ -412,3 +412,21 @@ def test_missing_or_corrupt_nodes_raise_integrity_error() -> None:
     store.nodes[b"\x00"] = b"\x02junk"
     with pytest.raises(IntegrityError):
         tree.root()
+
+
+def test_a_node_replaced_in_the_store_is_read_anew() -> None:
+    # Decoded internal nodes are remembered by node key together with their very bytes
+    # object: other bytes under the same key (a tampered store, a reload) are decoded
+    # again, so the tree never answers from the node it saw before.
+    model = {k: b"v" for k in POOL}
+    store, tree = build(model)
+    root = tree.root()
+    raw = store.nodes[b"\x00"]
+    assert raw[:1] == b"\x01"  # the root is an internal node
+    store.nodes[b"\x00"] = raw[:-1] + bytes([raw[-1] ^ 1])  # one child hash flipped
+    assert tree.root() != root
+    with pytest.raises(ProofError):
+        for k in POOL:
+            verify_state_proof(root, k, b"v", tree.prove(k))
+    store.nodes[b"\x00"] = bytes(bytearray(raw))  # equal bytes, another object
+    assert tree.root() == root

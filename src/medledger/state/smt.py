@@ -232,6 +232,21 @@ class _Internal:
         self.raw = raw
 
 
+#: Decoded internal nodes by node key, each kept with the very bytes object it was
+#: decoded from or encoded to. The node's read cache hands back the same object for a
+#: node until it changes, so a node read again is decoded again only when its bytes are
+#: other bytes (``is``, not ``==``: what a hit returns is exactly the decoding of what
+#: the store returned). Shared by every tree in the process; bounded (cleared when full).
+_decoded: dict[bytes, _Internal] = {}
+_DECODED_LIMIT = 1 << 15
+
+
+def _remember(nk: bytes, node: _Internal) -> None:
+    if len(_decoded) >= _DECODED_LIMIT:
+        _decoded.clear()
+    _decoded[nk] = node
+
+
 def _encode_internal(children: list[bytes], bitmap: int, leafmap: int) -> bytes:
     parts = [_pack_header(1, bitmap, leafmap)]
     parts += [children[n] for n in _slots_of(bitmap)]
@@ -262,6 +277,17 @@ def _decode(raw: bytes, where: bytes) -> tuple[bytes, bytes] | _Internal:
                 off += HASH_SIZE
             return _Internal(children, bitmap, leafmap, raw)
     raise IntegrityError("malformed state tree node", node_key=where.hex())
+
+
+def _decoded_node(raw: bytes, nk: bytes) -> tuple[bytes, bytes] | _Internal:
+    """:func:`_decode`, or the node remembered for ``nk`` if it has exactly ``raw``."""
+    hit = _decoded.get(nk)
+    if hit is not None and hit.raw is raw:
+        return hit
+    node = _decode(raw, nk)
+    if isinstance(node, _Internal):
+        _remember(nk, node)
+    return node
 
 
 # -- stores ----------------------------------------------------------------------
@@ -363,7 +389,9 @@ def _build(
         else:
             children[nib] = _build(khs, vhs, i, j, depth + 1, writes)
     if writes is not None:
-        writes[node_key(khs[lo], depth)] = _encode_internal(children, bitmap, leafmap)
+        nk = node_key(khs[lo], depth)
+        raw = writes[nk] = _encode_internal(children, bitmap, leafmap)
+        _remember(nk, _Internal(children, bitmap, leafmap, raw))
     return _sha256(_INTERNAL_TAG + b"".join(children)).digest()
 
 
@@ -411,13 +439,13 @@ class SparseMerkleTree:
         raw = self._store.get_node(nk)
         if raw is None:
             return None
-        return _decode(raw, nk)
+        return _decoded_node(raw, nk)
 
     def _load_child(self, nk: bytes) -> tuple[bytes, bytes] | _Internal:
         raw = self._store.get_node(nk)
         if raw is None:
             raise IntegrityError("state tree node is missing", node_key=nk.hex())
-        return _decode(raw, nk)
+        return _decoded_node(raw, nk)
 
     def root(self) -> bytes:
         """The current state root (``EMPTY_ROOT`` for an empty store)."""
@@ -585,6 +613,7 @@ class SparseMerkleTree:
         raw = _encode_internal(children, bitmap, leafmap)
         if raw != node.raw:
             writes[pos] = raw
+            _remember(pos, _Internal(children, bitmap, leafmap, raw))
         return _sha256(_INTERNAL_TAG + b"".join(children)).digest()
 
     # -- proofs ----------------------------------------------------------------
