@@ -55,6 +55,18 @@ def stored(net: LocalNetwork, org: str, tx_ids: list[bytes]) -> tuple[list[bytes
         store.close()
 
 
+async def assert_all_hold(net: LocalNetwork, acked: list[bytes], height: int) -> None:
+    """Every node's store holds every acknowledged transaction, at ``height``, with the
+    same checkpoint body."""
+    bodies = set()
+    for org in net.orgs:
+        missing, head, body = await asyncio.to_thread(stored, net, org, acked)
+        assert not missing, f"{org} lost {len(missing)} acknowledged transactions"
+        assert head == height
+        bodies.add(body)
+    assert len(bodies) == 1
+
+
 async def test_kill_9_a_node_under_load_loses_nothing(shared: LocalNetwork) -> None:
     net = shared
     load = Load(net, batch=10, pause=0.05)
@@ -77,13 +89,7 @@ async def test_kill_9_a_node_under_load_loses_nothing(shared: LocalNetwork) -> N
         h = await net.health(org)
         assert h is not None and h["status"] == "ok" and h["writes"]
         assert h["agreeing"] == [o for o in net.orgs if o != org]
-    bodies = set()
-    for org in net.orgs:
-        missing, head, body = await asyncio.to_thread(stored, net, org, acked)
-        assert not missing, f"{org} lost {len(missing)} acknowledged transactions"
-        assert head == healths[0]["height"]
-        bodies.add(body)
-    assert len(bodies) == 1
+    await assert_all_hold(net, acked, healths[0]["height"])
     assert len(acked) > 200
     # and every node's ledger verifies from genesis
     for org in net.orgs:

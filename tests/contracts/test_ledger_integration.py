@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,6 +208,21 @@ async def _snapshot(node: Node) -> tuple[bytes, list[tuple[bytes, bytes]]]:
     return node.head.to_bytes(), await node.state_scan(b"")
 
 
+async def _started(path: Path, *, seed: int, patients: int) -> tuple[Workload, Node]:
+    """A workload's three-organisation network on a fresh embedded node, started, with
+    the workload's setup committed."""
+    wl = Workload(seed, orgs=3, patients_per_org=patients)
+    node = await Node.create(_url(path), wl.genesis, signers=wl.signers)
+    node.clock = lambda: wl.time
+    await node.start()
+    try:
+        await _commit(node, wl.setup_txs())
+    except BaseException:
+        await node.close()
+        raise
+    return wl, node
+
+
 async def _rejected(node: Node, tx: Transaction, exc: type[TransactionRejected]) -> str:
     before = await _snapshot(node)
     with pytest.raises(exc) as info:
@@ -223,27 +238,29 @@ async def test_a_signer_suspended_or_removed_within_a_block_signs_nothing_after(
     # transaction writes keys, principals or organisations: then every signer is
     # checked anew, so what a block changes binds the transactions after it in the
     # same block exactly as in the next one.
-    wl = Workload(98, orgs=3, patients_per_org=2)
-    node = await Node.create(_url(tmp_path / "m.db"), wl.genesis, signers=wl.signers)
-    node.clock = lambda: wl.time
-    await node.start()
+    wl, node = await _started(tmp_path / "m.db", seed=98, patients=2)
     try:
-        await _commit(node, wl.setup_txs())
         org1, org3 = wl.org_ids[0], wl.org_ids[2]
         doctor, other = f"phys-1-{org1}", f"phys-1-{org3}"
 
         def note(n: int) -> dict[str, Any]:
             return {"digest": bytes([n]) * 32, "kind": "document"}
 
-        # one block: the doctor signs, is suspended, signs again, is reinstated, signs
-        block = [
-            wl.tx(doctor, "note.anchor", note(1)),
-            wl.tx(f"admin-{org1}", "principal.suspend", {"id": doctor}),
-            wl.forge(doctor, "note.anchor", note(2)),
-        ]
-        results = await node.commit_batch(block)
-        assert isinstance(results[0], Receipt) and isinstance(results[1], Receipt)
-        assert isinstance(results[2], Unauthorized), results[2]
+        async def refused_after(who: str, n: int, change: Callable[[], Transaction]) -> object:
+            """One block: ``who`` signs, ``change()`` commits, ``who`` signs again: the
+            third transaction's outcome (the workload applies each as it is signed)."""
+            first = wl.tx(who, "note.anchor", note(n))
+            middle = change()
+            then = wl.forge(who, "note.anchor", note(n + 1))
+            results = await node.commit_batch([first, middle, then])
+            assert isinstance(results[0], Receipt) and isinstance(results[1], Receipt)
+            return results[2]
+
+        # the doctor signs, is suspended, signs again (refused); is reinstated, signs
+        refused = await refused_after(
+            doctor, 1, lambda: wl.tx(f"admin-{org1}", "principal.suspend", {"id": doctor})
+        )
+        assert isinstance(refused, Unauthorized), refused
         block = [
             wl.tx(f"admin-{org1}", "principal.reinstate", {"id": doctor}),
             wl.tx(doctor, "note.anchor", note(3)),
@@ -255,14 +272,10 @@ async def test_a_signer_suspended_or_removed_within_a_block_signs_nothing_after(
             wl.tx(f"node:{org1}", "org.propose", {"action": "remove", "org": {"id": org3}})
         )
         proposal = (await node.list_txs(node.head.log_size - 1, 1))[0].tx_id.hex()
-        block = [
-            wl.tx(other, "note.anchor", note(4)),
-            wl.tx(f"admin-{wl.org_ids[1]}", "org.approve", {"proposal": proposal}),
-            wl.forge(other, "note.anchor", note(5)),
-        ]
-        results = await node.commit_batch(block)
-        assert isinstance(results[0], Receipt) and isinstance(results[1], Receipt)
-        assert isinstance(results[2], Unauthorized) and "removed" in str(results[2])
+        refused = await refused_after(
+            other, 4, lambda: wl.tx(f"admin-{wl.org_ids[1]}", "org.approve", {"proposal": proposal})
+        )
+        assert isinstance(refused, Unauthorized) and "removed" in str(refused)
     finally:
         await node.close()
     store = open_store(_url(tmp_path / "m.db"))
@@ -274,12 +287,8 @@ async def test_a_signer_suspended_or_removed_within_a_block_signs_nothing_after(
 
 
 async def test_rejections_change_nothing(tmp_path: Path) -> None:
-    wl = Workload(99, orgs=3, patients_per_org=4)
-    node = await Node.create(_url(tmp_path / "c.db"), wl.genesis, signers=wl.signers)
-    node.clock = lambda: wl.time
-    await node.start()
+    wl, node = await _started(tmp_path / "c.db", seed=99, patients=4)
     try:
-        await _commit(node, wl.setup_txs())
         await _commit(node, wl.mixed(60))
         org1, org3 = wl.org_ids[0], wl.org_ids[2]
         patient = wl.patients[org1][0]
