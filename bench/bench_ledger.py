@@ -66,8 +66,10 @@ def _genesis(node_key: SigningKey, admin: SigningKey) -> dict[str, object]:
     }
 
 
-def _presign(admin: SigningKey, n: int) -> list[Transaction]:
-    now = int(time.time() * 1000)
+def _presign(admin: SigningKey, n: int, now: int | None = None) -> list[Transaction]:
+    """``n`` ``note.anchor`` transactions of ``admin``, seq 1..n, at ``now`` (ms; the clock
+    by default)."""
+    now = int(time.time() * 1000) if now is None else now
     return [
         make_tx(
             admin,
