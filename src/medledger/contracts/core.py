@@ -39,6 +39,7 @@ from medledger.state.base import StateReader
 __all__ = [
     "DEFAULT_POLICY",
     "HANDLERS",
+    "SIGNER_STATE",
     "GenesisError",
     "check_signer",
     "genesis_effects",
@@ -89,6 +90,11 @@ def k_key(kid: bytes) -> bytes:
 
 def k_seq(kid: bytes) -> bytes:
     return b"seq/" + kid.hex().encode()
+
+
+#: Key prefixes of the state :func:`check_signer` reads (signing keys, principals,
+#: organisations): a write under one of them may change who may sign.
+SIGNER_STATE = (k_key(b""), k_principal(""), k_org(""))
 
 
 def _b(value: Any, what: str, size: int | None = None) -> bytes:

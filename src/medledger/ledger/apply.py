@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from medledger.contracts.base import Effects, Env, Registry, get_obj
-from medledger.contracts.core import check_signer, k_seq
+from medledger.contracts.core import SIGNER_STATE, check_signer, k_seq
 from medledger.encoding import encode
 from medledger.errors import (
     OutOfOrderSequence,
@@ -49,11 +49,6 @@ __all__ = ["BlockResult", "ChainReader", "Rejection", "apply_tx", "build_block"]
 
 #: The receipt of a transaction that emits no event (most do not): encoded once.
 _NO_EVENTS = encode({"events": []})
-
-#: The state step 6 reads (:func:`~medledger.contracts.core.check_signer`: signing keys,
-#: principals, organisations). A block remembers each signer's check until a
-#: transaction writes under one of these prefixes (see :func:`build_block`).
-_SIGNER_STATE = (b"key/", b"principal/", b"org/")
 
 #: signer key id -> (its public key, the principal record step 6 returned)
 SignerMemo = dict[bytes, tuple[bytes, Mapping[str, Any]]]
@@ -147,7 +142,9 @@ def apply_tx(
             config=config,
         )
         fx = handler(state, tx, env)
-        if signers and any(key.startswith(_SIGNER_STATE) for key in fx.writes):
+        # a block remembers each signer's check until a transaction writes state that
+        # step 6 reads (see build_block)
+        if signers and any(key.startswith(SIGNER_STATE) for key in fx.writes):
             signers.clear()  # keys, principals or organisations change: check anew
         state.put(seq_key, encode(tx.seq))
         for key, value in fx.writes.items():
