@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import re
@@ -48,9 +49,7 @@ import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-PG_ADMIN = os.environ.get("MEDLEDGER_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 NETWORK = "medledger-bench"
 ORG = "bench-org"
 T0 = 1_800_000_000_000  # fixed times: every run signs the same bytes
@@ -128,32 +127,6 @@ def _callgrind(args: list[str], work: Path, tag: str) -> int:
     return int(found.group(1))
 
 
-def _fresh_store(sqlite: bool, work: Path, tag: str) -> str:
-    if sqlite:
-        return f"sqlite:///{work / f'{tag}.db'}"
-    import psycopg
-
-    name = f"mlbench_cp_{os.getpid()}_{tag}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    # a postgresql:// URL (the store factory takes anything else for a SQLite path)
-    url = urlsplit(PG_ADMIN)
-    if url.scheme not in ("postgresql", "postgres"):
-        raise SystemExit("MEDLEDGER_BENCH_PG must be a postgresql:// URL")
-    return urlunsplit(url._replace(path=f"/{name}"))
-
-
-def _drop_store(url: str) -> None:
-    if url.startswith("sqlite"):
-        return
-    import psycopg
-
-    name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--sqlite", action="store_true", help="SQLite instead of PostgreSQL")
@@ -172,26 +145,29 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("this bench needs valgrind (apt-get install valgrind)")
-    work = Path(tempfile.mkdtemp(prefix="medledger-bench-cp-"))
-    urls = [_fresh_store(opts.sqlite, work, tag) for tag in ("base", "more")]
+    # here, not at the top: the workers load only what they count (what a module
+    # imports at start-up shifts their caches and so the count, by a few percent)
+    from bench_pgstore import pg_database
+
     shape = [str(opts.block), str(opts.warm), str(opts.blocks)]
-    try:
-        with ThreadPoolExecutor(max_workers=2) as pool:  # two cores: two runs at a time
-            base = pool.submit(_callgrind, ["--worker", "commit", urls[0], *shape, "0"], work, "a")
-            more = pool.submit(
-                _callgrind,
-                ["--worker", "commit", urls[1], *shape, str(opts.blocks)],
-                work,
-                "b",
-            )
-            v0 = pool.submit(_callgrind, ["--worker", "verify", "0"], work, "v0")
-            v1 = pool.submit(_callgrind, ["--worker", "verify", str(opts.verifies)], work, "v1")
-            per_tx = (more.result() - base.result()) / (opts.blocks * opts.block)
-            per_verify = (v1.result() - v0.result()) / opts.verifies
-    finally:
-        for url in urls:
-            _drop_store(url)
-        shutil.rmtree(work, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="medledger-bench-")))
+        if opts.sqlite:
+            urls = [f"sqlite:///{work / f'{tag}.db'}" for tag in ("base", "more")]
+        else:  # a fresh database each, dropped afterwards (bench_pgstore's)
+            urls = [stack.enter_context(pg_database()) for _ in range(2)]
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=2))  # two cores, two runs
+        base = pool.submit(_callgrind, ["--worker", "commit", urls[0], *shape, "0"], work, "a")
+        more = pool.submit(
+            _callgrind,
+            ["--worker", "commit", urls[1], *shape, str(opts.blocks)],
+            work,
+            "b",
+        )
+        v0 = pool.submit(_callgrind, ["--worker", "verify", "0"], work, "v0")
+        v1 = pool.submit(_callgrind, ["--worker", "verify", str(opts.verifies)], work, "v1")
+        per_tx = (more.result() - base.result()) / (opts.blocks * opts.block)
+        per_verify = (v1.result() - v0.result()) / opts.verifies
     store = "SQLite" if opts.sqlite else "PostgreSQL"
     print(
         f"\none node, {store} store, blocks of {opts.block} note.anchor transactions "
