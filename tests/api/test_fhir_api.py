@@ -193,10 +193,12 @@ def test_missing_invalid_and_expired_tokens_are_401(api: Api, live: LiveServer) 
     client = api.client("system:hospital", "system/*.cruds")
     registered = live.call(smart.get_client(client.client_id))
     assert registered is not None
-    info = live.call(smart.issue(registered, "system/*.rs", ttl=1))
+    # expiry is a whole second (floor(now) + ttl): a 1 s token may have lived out its
+    # last fraction of a second before its first use; with 2 s it has at least one left
+    info = live.call(smart.issue(registered, "system/*.rs", ttl=2))
     headers = {"Authorization": f"Bearer {info.token}"}
     assert api.http.get(f"/fhir/Patient/{pid}", headers=headers).status_code == 200
-    time.sleep(2.1)
+    time.sleep(max(0.0, info.expires_at - time.time()) + 0.1)
     outcome(api.http.get(f"/fhir/Patient/{pid}", headers=headers), 401)
 
 
