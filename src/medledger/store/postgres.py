@@ -12,11 +12,11 @@ node or of the server. A block either commits whole or not at all.
 
 Bulk writes: a block of 2,000 transactions touches some 20,000 rows (transactions,
 log tree nodes, state rows, state-tree nodes). They travel with binary ``COPY``:
-transactions straight into their table, the rest into one session-local staging
-table (``pg_temp``, emptied at every commit) from which one statement upserts each
+every row into one session-local staging table (``pg_temp``, emptied at every
+commit) from which one statement inserts the transactions, upserts each other
 table's rows (SQLite's ``INSERT OR REPLACE``) and deletes the deleted keys. That is
 about four times faster than one statement with the rows as arrays (``unnest``),
-and a commit costs five round trips whatever its size (see ``_STAGING``).
+and a commit costs the same few round trips whatever its size (see ``_STAGING``).
 
 Fewer round trips: a query costs a network round trip (~100 us on loopback, against
 ~5 us for an SQLite read), and while a block is built most point reads ask for keys
@@ -101,25 +101,37 @@ _TX_COLS = "idx, tx_id, height, raw, receipt"
 
 # A session-local staging table for a commit's writes, created by a session's first
 # commit (so read-only users never make it) and emptied by every commit that used it
-# (a transaction that did not touch it does not pay for that). A commit sends its
-# transactions with one COPY straight into ledger_txs, every other row with one COPY
-# into the staging table (``t`` says which table a row is for), and applies them all
-# with ONE statement: five round trips per commit (BEGIN, two COPYs, the statement,
-# COMMIT) whatever the number of blocks and tables.
+# (a transaction that did not touch it does not pay for that). A commit sends every
+# row with ONE COPY into the staging table (``t`` says which table a row is for; a
+# transaction's row also fills ``h``, its height, and ``r``, its receipt) and applies
+# them all with ONE statement: BEGIN, the COPY (two round trips: it starts, then
+# ends), the statement and COMMIT, whatever the number of blocks and tables. (A
+# second COPY straight into ledger_txs cost two more round trips a commit, more than
+# passing the transactions through the staging table, which is not WAL-logged.)
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS ledger_stage (
-    t SMALLINT NOT NULL, id BIGINT, k BYTEA, v BYTEA) ON COMMIT DELETE ROWS;
+    t SMALLINT NOT NULL, id BIGINT, k BYTEA, v BYTEA, h BIGINT, r BYTEA) ON COMMIT DELETE ROWS;
 """
-_ST_TREE, _ST_STATE, _ST_SMT, _ST_STATE_DEL, _ST_SMT_DEL, _ST_BLOCK, _ST_CHECKPOINT, _ST_META = (
-    range(8)
-)
-_COPY_STAGE = "COPY pg_temp.ledger_stage(t, id, k, v) FROM STDIN (FORMAT BINARY)"
-_STAGE_TYPES = ("int2", "int8", "bytea", "bytea")
+(
+    _ST_TREE,
+    _ST_STATE,
+    _ST_SMT,
+    _ST_STATE_DEL,
+    _ST_SMT_DEL,
+    _ST_BLOCK,
+    _ST_CHECKPOINT,
+    _ST_META,
+    _ST_TX,
+) = range(9)
+_COPY_STAGE = "COPY pg_temp.ledger_stage(t, id, k, v, h, r) FROM STDIN (FORMAT BINARY)"
+_STAGE_TYPES = ("int2", "int8", "bytea", "bytea", "int8", "bytea")
 # Every data-modifying WITH clause runs (referenced or not) against the same snapshot;
 # a commit never both writes and deletes one key (the writes are merged per key first).
 # The upserts mirror SQLite's INSERT OR REPLACE; a block height already present fails.
 _APPLY_STAGE = f"""
 WITH
+  txs AS (INSERT INTO ledger_txs(idx, tx_id, height, raw, receipt)
+    SELECT id, k, h, v, r FROM pg_temp.ledger_stage WHERE t = {_ST_TX}),
   blocks AS (INSERT INTO ledger_blocks(height, header, sig)
     SELECT id, k, v FROM pg_temp.ledger_stage WHERE t = {_ST_BLOCK}),
   tree AS (INSERT INTO ledger_tree(id, hash)
@@ -144,8 +156,6 @@ WITH
 SELECT 1
 """
 
-_COPY_TXS = f"COPY ledger_txs({_TX_COLS}) FROM STDIN (FORMAT BINARY)"
-_TX_TYPES = ("int8", "bytea", "int8", "bytea", "bytea")
 _UPSERT_META = (
     "INSERT INTO ledger_meta(k, v) VALUES (%s, %s) ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v"
 )
@@ -593,30 +603,32 @@ class PostgresStore:
         tree: dict[int, bytes] = {}
         state_changes: dict[bytes, bytes | None] = {}
         smt_writes: dict[bytes, bytes | None] = {}
-        tx_rows: list[tuple[object, ...]] = []
+        stage: list[tuple[object, ...]] = []
         for w in blocks:
             tree.update((_node_id(lv, ix), h) for (lv, ix), h in w.tree_nodes)
             state_changes.update(w.state_changes)
             smt_writes.update(w.smt_writes)
-            tx_rows.extend((t.index, t.tx_id, t.height, t.raw, t.receipt) for t in w.txs)
-        stage: list[tuple[object, ...]] = [
-            (_ST_BLOCK, w.block.height, w.block.header, w.block.sig) for w in blocks
-        ]
-        stage.extend((_ST_TREE, i, None, h) for i, h in tree.items())
+            stage.extend((_ST_TX, t.index, t.tx_id, t.raw, t.height, t.receipt) for t in w.txs)
+            stage.append((_ST_BLOCK, w.block.height, w.block.header, w.block.sig, None, None))
+        stage.extend((_ST_TREE, i, None, h, None, None) for i, h in tree.items())
         for put, delete, changes in (
             (_ST_STATE, _ST_STATE_DEL, state_changes),
             (_ST_SMT, _ST_SMT_DEL, smt_writes),
         ):
             stage.extend(
-                (put, None, k, v) if v is not None else (delete, None, k, None)
+                (put, None, k, v, None, None)
+                if v is not None
+                else (delete, None, k, None, None, None)
                 for k, v in changes.items()
             )
         stage.extend(
-            (_ST_CHECKPOINT, w.block.height, None, w.checkpoint.encode("utf-8"))
+            (_ST_CHECKPOINT, w.block.height, None, w.checkpoint.encode("utf-8"), None, None)
             for w in blocks
             if w.checkpoint is not None
         )
-        stage.extend((_ST_META, None, k.encode("utf-8"), v) for k, v in (meta or {}).items())
+        stage.extend(
+            (_ST_META, None, k.encode("utf-8"), v, None, None) for k, v in (meta or {}).items()
+        )
         for w in blocks:
             self._will_store("txs", (t.tx_id for t in w.txs))
         self._will_store("state", (k for k, v in state_changes.items() if v is not None))
@@ -625,8 +637,6 @@ class PostgresStore:
         heights = f"{first_height}..{last.height}" if len(blocks) > 1 else str(last.height)
 
         def write(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
-            if tx_rows:
-                _copy(cur, _COPY_TXS, _TX_TYPES, tx_rows)
             _copy(cur, _COPY_STAGE, _STAGE_TYPES, stage)
             cur.execute(_APPLY_STAGE, prepare=True)
 
