@@ -47,7 +47,13 @@ from medledger.merkle.hasher import EMPTY_ROOT, leaf_hash
 from medledger.merkle.proof import consistency_nodes, inclusion_nodes
 from medledger.state.base import StateReader
 from medledger.state.overlay import Overlay
-from medledger.state.smt import SparseMerkleTree
+from medledger.state.smt import (
+    TOP_DEPTH,
+    SparseMerkleTree,
+    apply_writes,
+    rebuild_top,
+    split_top,
+)
 from medledger.store import BlockRecord, LedgerStore, TxRecord, open_store
 from medledger.store.base import BlockWrite
 
@@ -150,12 +156,18 @@ class _ReadCache:
     what is read again and again (signers' keys, sequence numbers, the upper
     levels of the state tree) survives a turnover instead of being re-read from
     the store after a clear-all.
+
+    ``top`` holds the internal nodes of the top of the state tree, which the store
+    does not (:func:`medledger.state.smt.split_top`): all of them, derived from the
+    store when the ledger is opened (:meth:`Node._load_head`), then kept up to date
+    by :meth:`committed`.
     """
 
     def __init__(self, store: LedgerStore, limit: int = 500_000) -> None:
         self.store = store
         self.rows = _Generations(limit // 2)
         self.nodes = _Generations(limit // 2)
+        self.top: dict[bytes, bytes] = {}
 
     def get(self, key: bytes) -> bytes | None:
         return self.rows.get(key, self.store.get)
@@ -166,6 +178,10 @@ class _ReadCache:
         return self.store.scan(prefix, start=start, limit=limit)
 
     def get_node(self, node_key: bytes) -> bytes | None:
+        if node_key[0] < TOP_DEPTH:
+            got = self.top.get(node_key)
+            if got is not None:
+                return got
         return self.nodes.get(node_key, self.store.get_node)
 
     def has_tx(self, tx_id: bytes) -> bool:
@@ -177,8 +193,11 @@ class _ReadCache:
     def committed(
         self, rows: Mapping[bytes, bytes | None], nodes: Mapping[bytes, bytes | None]
     ) -> None:
+        """Take in a committed block's state rows and (all of its) state-tree writes."""
         self.rows.update(rows)
-        self.nodes.update(nodes)
+        stored, changes = split_top(nodes, self.top)
+        apply_writes(self.top, changes)
+        self.nodes.update(stored)
 
 
 class _PendingView:
@@ -311,7 +330,7 @@ class Node:
                 [],
                 [],
                 changes,
-                dict(upd.node_writes),
+                split_top(upd.node_writes, {})[0],
             )
             return store
 
@@ -355,6 +374,12 @@ class Node:
             if compact.root() != header.log_root:
                 raise IntegrityError(
                     f"stored tree nodes do not match the log root of block {height}"
+                )
+            # the top of the state tree is not stored: derive it from the nodes below
+            self._cache.top = rebuild_top(self.store.iter_nodes(b"", bytes([TOP_DEPTH + 1])))
+            if SparseMerkleTree(self._cache).root() != header.state_root:
+                raise IntegrityError(
+                    f"stored state tree nodes do not match the state root of block {height}"
                 )
             return _Head(header, compact)
 
@@ -685,7 +710,9 @@ class Node:
             records,
             result.tree_nodes,
             result.state_changes,
-            result.smt_writes,
+            # not the top of the state tree (rebuilt when the ledger is opened); in a
+            # group, a later block may delete a position an earlier one already did
+            split_top(result.smt_writes, self._cache.top)[0],
             self._sign_checkpoint(header),
         )
 

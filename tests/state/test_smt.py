@@ -28,6 +28,7 @@ from medledger.state import (
     node_key,
     verify_state_proof,
 )
+from medledger.state.smt import TOP_DEPTH, apply_writes, in_top, rebuild_top, split_top
 
 # -- reference ---------------------------------------------------------------------
 
@@ -430,3 +431,93 @@ def test_a_node_replaced_in_the_store_is_read_anew() -> None:
             verify_state_proof(root, k, b"v", tree.prove(k))
     store.nodes[b"\x00"] = bytes(bytearray(raw))  # equal bytes, another object
     assert tree.root() == root
+
+
+# -- the top of the tree: kept in memory, not stored, rebuilt on open ------------------
+
+
+class SplitStore:
+    """What a ledger node keeps: the stored nodes (``split_top``'s first part) and the
+    top in memory, read top first, as the node's read cache does."""
+
+    def __init__(self) -> None:
+        self.stored: dict[bytes, bytes] = {}
+        self.top: dict[bytes, bytes] = {}
+
+    def get_node(self, nk: bytes) -> bytes | None:
+        return self.top.get(nk) if nk in self.top else self.stored.get(nk)
+
+    def apply(self, writes: dict[bytes, bytes | None]) -> None:
+        stored, changes = split_top(writes, self.top)
+        apply_writes(self.stored, stored)
+        apply_writes(self.top, changes)
+
+    def upper(self) -> list[tuple[bytes, bytes]]:
+        """What the node reads back when it opens the ledger: depth <= TOP_DEPTH, key order."""
+        return sorted((k, v) for k, v in self.stored.items() if k[0] <= TOP_DEPTH)
+
+
+def _check_split(split: SplitStore, model: dict[bytes, bytes]) -> None:
+    nodes = ref_nodes(model)
+    # exactly the canonical nodes less the top: no leaf left behind where the top grew
+    assert split.stored == {k: v for k, v in nodes.items() if not in_top(k, v)}
+    assert split.top == {k: v for k, v in nodes.items() if in_top(k, v)}
+    assert rebuild_top(split.upper()) == split.top
+    assert SparseMerkleTree(split).root() == ref_root(model)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(batch_st, min_size=1, max_size=12))
+def test_the_top_is_never_stored_and_rebuilds_exactly(
+    batches: list[dict[bytes, bytes | None]],
+) -> None:
+    split = SplitStore()
+    model: dict[bytes, bytes] = {}
+    for batch in batches:
+        split.apply(dict(SparseMerkleTree(split).update(batch).node_writes))
+        apply_model(model, batch)
+        _check_split(split, model)
+
+
+def test_the_top_of_a_wide_tree_rebuilds_exactly() -> None:
+    """20,000 keys: internal nodes at every depth of the top and at TOP_DEPTH itself."""
+    rnd = random.Random(7)
+    keys = [b"k%d" % i for i in range(20_000)]
+    split = SplitStore()
+    model: dict[bytes, bytes] = {}
+    for i in range(0, len(keys), 997):
+        batch: dict[bytes, bytes | None] = {k: b"v" for k in keys[i : i + 997]}
+        batch |= {k: None for k in rnd.sample(sorted(model), min(len(model), 50))}
+        split.apply(dict(SparseMerkleTree(split).update(batch).node_writes))
+        apply_model(model, batch)
+    assert {k[0] for k in split.top} == set(range(TOP_DEPTH))
+    assert any(k[0] == TOP_DEPTH and v[0] == 1 for k, v in split.stored.items())
+    assert rebuild_top(split.upper()) == split.top
+    assert SparseMerkleTree(split).root() == compute_root(model)
+    # a store written by a version that stored the top: those rows are ignored
+    stale = {k: b"\x01" + bytes(36) for k in split.top}
+    assert rebuild_top(sorted(split.upper() + list(stale.items()))) == split.top
+
+
+def test_rebuilding_the_top_refuses_stored_nodes_that_are_no_tree() -> None:
+    split = SplitStore()
+    model = {b"k%d" % i: b"v" for i in range(600)}
+    split.apply(dict(SparseMerkleTree(split).update(dict(model)).node_writes))
+    upper = dict(split.upper())
+    # depth-3 positions by their depth-2 parent (node key: depth byte, then 1 byte of prefix)
+    below: dict[bytes, list[bytes]] = defaultdict(list)
+    for k in upper:
+        if k[0] == 3:
+            below[b"\x02" + k[1:2]].append(k)
+    leaf = next(k for k, v in upper.items() if k[0] == 3 and v[0] == 0)
+    # the parent of a stored leaf also stored as a leaf: a leaf with nodes below it
+    with pytest.raises(IntegrityError, match="has nodes below it"):
+        rebuild_top(sorted({**upper, b"\x02" + leaf[1:2]: upper[leaf]}.items()))
+    # one of exactly two leaves below a position deleted: a single leaf below it
+    pair = next(ks for ks in below.values() if len(ks) == 2 and all(upper[k][0] == 0 for k in ks))
+    with pytest.raises(IntegrityError, match="single leaf below it"):
+        rebuild_top(sorted((k, v) for k, v in upper.items() if k != pair[0]))
+    with pytest.raises(IntegrityError, match="malformed"):
+        rebuild_top(sorted({**upper, leaf: upper[leaf][:-1]}.items()))
+    with pytest.raises(ValueError, match="below depth"):
+        rebuild_top([(bytes([TOP_DEPTH + 1]) + bytes(3), upper[leaf])])

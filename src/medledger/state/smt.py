@@ -81,6 +81,25 @@ hashes per level, sent as a bitmap plus the non-empty ones). Measured with
 SHA-256 calls and 2.9 node reads per changed key, including hashing the key and
 the value, and 60-70k keys/s on one CPython core.
 
+The top of the tree
+===================
+
+The internal nodes at depths 0 to ``TOP_DEPTH - 1`` (the root and the 16, 256
+and 4,096 positions below it, as far as they hold internal nodes) change with
+almost every block: every block rewrites the root, and a block of 50 random keys
+rewrites ~15 depth-1, ~45 depth-2 and ~50 depth-3 nodes of a tree as wide as
+that, each up to 517 bytes. Yet they are a pure function of the nodes below them.
+So a ledger node does not persist them: :func:`split_top` takes them out of
+the node writes it stores (deleting the leaf a position held before it became
+internal), the node keeps them in memory, and :func:`rebuild_top` derives them
+again, when a ledger is opened, from the stored nodes at depth ``TOP_DEPTH`` and
+the leaves above it (at most 65,536 + 4,369 rows, read by key range). Stored
+internal nodes above ``TOP_DEPTH`` (from a version that stored them) are ignored
+there. The tree itself, its roots and proofs do not change: only what is written
+to the store. (PostgreSQL, blocks of 20 ``note.anchor`` transactions into a
+70,000-key state: 26 % fewer WAL records and 26 % fewer WAL bytes per
+transaction, a throwaway measurement.)
+
 Update semantics
 ================
 
@@ -99,7 +118,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from bisect import bisect_left
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -108,16 +127,21 @@ from medledger.errors import IntegrityError, ProofError
 __all__ = [
     "EMPTY_HASH",
     "EMPTY_ROOT",
+    "TOP_DEPTH",
     "MemoryNodeStore",
     "NodeStore",
     "SparseMerkleTree",
     "StateProof",
     "UpdateResult",
+    "apply_writes",
     "compute_root",
+    "in_top",
     "internal_hash",
     "key_hash",
     "leaf_hash",
     "node_key",
+    "rebuild_top",
+    "split_top",
     "verify_state_proof",
 ]
 
@@ -315,15 +339,118 @@ class MemoryNodeStore:
 
     def apply(self, node_writes: Mapping[bytes, bytes | None]) -> None:
         """Apply the ``node_writes`` of an :class:`UpdateResult` (``None`` = delete)."""
-        nodes = self.nodes
-        for k, v in node_writes.items():
-            if v is None:
-                nodes.pop(k, None)
-            else:
-                nodes[k] = v
+        apply_writes(self.nodes, node_writes)
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+
+def apply_writes(nodes: dict[bytes, bytes], writes: Mapping[bytes, bytes | None]) -> None:
+    """Apply node writes to a dict of nodes (``None`` = delete)."""
+    for k, v in writes.items():
+        if v is None:
+            nodes.pop(k, None)
+        else:
+            nodes[k] = v
+
+
+# -- the top of the tree (module docstring) ----------------------------------------
+
+#: Internal nodes at depths below this are kept in memory, not stored (module doc).
+TOP_DEPTH = 4
+
+
+def in_top(node_key: bytes, value: bytes | None) -> bool:
+    """Whether ``value`` at ``node_key`` is an internal node of the top (never stored)."""
+    return node_key[0] < TOP_DEPTH and value is not None and value[:1] == _INTERNAL_TAG
+
+
+def split_top(
+    writes: Mapping[bytes, bytes | None], top: Mapping[bytes, bytes]
+) -> tuple[dict[bytes, bytes | None], dict[bytes, bytes | None]]:
+    """Split an update's node writes into ``(to store, changes of the top)``.
+
+    ``top`` holds the internal nodes of the top before the writes. A position that
+    becomes internal in the top is left out of the store's writes, or deleted there
+    if it was not in ``top`` (it may hold the leaf it had before); a position of
+    ``top`` that becomes a leaf or empty leaves the top (``None`` in the changes)
+    and is written to the store as usual.
+    """
+    stored: dict[bytes, bytes | None] = {}
+    changes: dict[bytes, bytes | None] = {}
+    for nk, value in writes.items():
+        if nk[0] < TOP_DEPTH:
+            if value is not None and value[:1] == _INTERNAL_TAG:
+                changes[nk] = value
+                if nk not in top:
+                    stored[nk] = None
+                continue
+            if nk in top:
+                changes[nk] = None
+        stored[nk] = value
+    return stored, changes
+
+
+def _parent(nk: bytes) -> tuple[bytes, int]:
+    """Node key of the parent of the position ``nk`` (depth >= 1), and its nibble there."""
+    depth = nk[0]
+    if depth & 1:
+        return _NIBBLE_BYTES[depth - 1] + nk[1:-1], nk[-1] >> 4
+    return _NIBBLE_BYTES[depth - 1] + nk[1:-1] + _NIBBLE_BYTES[nk[-1] & 0xF0], nk[-1] & 0x0F
+
+
+def rebuild_top(stored: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """The internal nodes of the top, derived from the stored nodes of depth <= ``TOP_DEPTH``.
+
+    ``stored`` yields ``(node key, value)``: the leaves above ``TOP_DEPTH`` and every
+    node at ``TOP_DEPTH`` (e.g. ``store.iter_nodes(b"", bytes([TOP_DEPTH + 1]))``).
+    Stored internal nodes above ``TOP_DEPTH`` are ignored. Raises
+    :class:`~medledger.errors.IntegrityError` for a malformed node, a leaf with
+    nodes below it, or a position with a single leaf below it.
+    """
+    by_depth: list[dict[bytes, bytes]] = [{} for _ in range(TOP_DEPTH + 1)]
+    for nk, raw in stored:
+        depth = nk[0]
+        if depth > TOP_DEPTH:
+            raise ValueError(f"node {nk.hex()} is below depth {TOP_DEPTH}")
+        if depth == TOP_DEPTH or raw[:1] == _LEAF_TAG:
+            by_depth[depth][nk] = raw
+    # (hash, is a leaf) of each non-empty position of the depth below the current one
+    below: dict[bytes, tuple[bytes, bool]] = {}
+    for nk, raw in by_depth[TOP_DEPTH].items():
+        node = _decode(raw, nk)
+        if isinstance(node, _Internal):
+            below[nk] = (internal_hash(node.children), False)
+        else:
+            below[nk] = (_sha256(raw).digest(), True)
+    top: dict[bytes, bytes] = {}
+    for depth in range(TOP_DEPTH - 1, -1, -1):
+        here: dict[bytes, tuple[bytes, bool]] = {}
+        for nk, raw in by_depth[depth].items():
+            _decode(raw, nk)  # a well-formed leaf
+            here[nk] = (_sha256(raw).digest(), True)
+        kids: dict[bytes, list[tuple[int, bytes, bool]]] = {}
+        for nk, (h, leaf) in below.items():
+            parent, nib = _parent(nk)
+            kids.setdefault(parent, []).append((nib, h, leaf))
+        for parent, group in kids.items():
+            if parent in here:
+                raise IntegrityError("a state tree leaf has nodes below it", node_key=parent.hex())
+            children = [EMPTY_HASH] * 16
+            bitmap = leafmap = 0
+            for nib, h, leaf in group:
+                children[nib] = h
+                bitmap |= 1 << nib
+                if leaf:
+                    leafmap |= 1 << nib
+            if len(group) == 1 and leafmap:
+                raise IntegrityError(
+                    "a state tree position holds a single leaf below it", node_key=parent.hex()
+                )
+            top[parent] = _encode_internal(children, bitmap, leafmap)
+            here[parent] = (internal_hash(children), False)
+        below = here
+    return top
 
 
 @dataclass(frozen=True, slots=True)

@@ -472,8 +472,10 @@ class PostgresStore:
         for k, v in self._pages("iter_state", "ledger_state", "k", "k, v", b"", None):
             yield bytes(k), bytes(v)
 
-    def iter_nodes(self) -> Iterator[tuple[bytes, bytes]]:
-        for k, v in self._pages("iter_nodes", "ledger_smt", "k", "k, v", b"", None):
+    def iter_nodes(
+        self, start: bytes = b"", end: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
+        for k, v in self._pages("iter_nodes", "ledger_smt", "k", "k, v", start, end):
             yield bytes(k), bytes(v)
 
     # -- log ----------------------------------------------------------------------------------

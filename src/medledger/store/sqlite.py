@@ -133,9 +133,16 @@ class SqliteStore:
             for k, v in cur:
                 yield bytes(k), bytes(v)
 
-    def iter_nodes(self) -> Iterator[tuple[bytes, bytes]]:
+    def iter_nodes(
+        self, start: bytes = b"", end: bytes | None = None
+    ) -> Iterator[tuple[bytes, bytes]]:
         with _translate("iter_nodes"):
-            cur = self._db.execute("SELECT k, v FROM smt ORDER BY k")
+            if end is None:
+                cur = self._db.execute("SELECT k, v FROM smt WHERE k >= ? ORDER BY k", (start,))
+            else:
+                cur = self._db.execute(
+                    "SELECT k, v FROM smt WHERE k >= ? AND k < ? ORDER BY k", (start, end)
+                )
             for k, v in cur:
                 yield bytes(k), bytes(v)
 
