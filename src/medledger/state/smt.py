@@ -86,9 +86,9 @@ The top of the tree
 
 The internal nodes at depths 0 to ``TOP_DEPTH - 1`` (the root and the 16, 256
 and 4,096 positions below it, as far as they hold internal nodes) change with
-almost every block: every block rewrites the root, and a block of 50 random keys
-rewrites ~15 depth-1, ~45 depth-2 and ~50 depth-3 nodes of a tree as wide as
-that, each up to 517 bytes. Yet they are a pure function of the nodes below them.
+almost every block: every block rewrites the root, and in a tree of tens of
+thousands of keys a block of 50 random keys rewrites ~15 depth-1, ~45 depth-2 and
+~50 depth-3 nodes, each up to 517 bytes. Yet they are a pure function of the nodes below them.
 So a ledger node does not persist them: :func:`split_top` takes them out of
 the node writes it stores (deleting the leaf a position held before it became
 internal), the node keeps them in memory, and :func:`rebuild_top` derives them
