@@ -260,7 +260,10 @@ class _Internal:
 #: decoded from or encoded to. The node's read cache hands back the same object for a
 #: node until it changes, so a node read again is decoded again only when its bytes are
 #: other bytes (``is``, not ``==``: what a hit returns is exactly the decoding of what
-#: the store returned). Shared by every tree in the process; bounded (cleared when full).
+#: the store returned). Shared by every tree in the process; bounded (cleared when full):
+#: about 15 MB when full with a 300,000-key tree's nodes (468 bytes an entry besides
+#: the raw bytes it shares with the store, tracemalloc in a throwaway script), at most
+#: about 45 MB if every entry had 16 children (an estimate).
 _decoded: dict[bytes, _Internal] = {}
 _DECODED_LIMIT = 1 << 15
 
