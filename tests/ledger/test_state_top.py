@@ -17,7 +17,7 @@ import pytest
 
 from medledger.errors import IntegrityError
 from medledger.ledger.verify import verify_ledger
-from medledger.node import Node
+from medledger.node import BlockSpec, Node
 from medledger.state.smt import TOP_DEPTH, SparseMerkleTree, in_top
 from medledger.store import open_store
 
@@ -102,3 +102,40 @@ async def test_a_store_whose_nodes_do_not_give_the_state_root_is_refused(
         store.close()
     with pytest.raises(IntegrityError, match="do not match the state root"):
         await Node.open(url, [(ORG, keys.node)])
+
+
+async def test_groups_whose_blocks_grow_the_top_store_exactly_the_rest(
+    url: str, genesis: dict[str, Any], keys: Keys, anchors: TxFactory
+) -> None:
+    """Group commits from a small state: within a group, positions of the top turn from
+    leaves into internal nodes block after block (each block's writes are split against
+    the top before the group), and the store must end up with exactly the canonical
+    nodes less the top, as ``verify`` checks."""
+    node = await Node.create(url, genesis, [(ORG, keys.node)])
+    node.clock = lambda: BLOCK_TIME
+    await node.start()
+    try:
+        for _ in range(12):
+            specs = [
+                BlockSpec([anchors.anchor() for _ in range(3)], [True] * 3, block_time=BLOCK_TIME)
+                for _ in range(5)
+            ]
+            outcomes = await node.commit_group(specs)
+            assert all(isinstance(o, list) for o in outcomes)
+        top, head = dict(node._cache.top), node.head
+    finally:
+        await node.close()
+    assert head.height == 60
+    store = open_store(url)
+    try:
+        report = verify_ledger(store)
+        stored = dict(store.iter_nodes())
+    finally:
+        store.close()
+    assert report.ok, report.failure
+    assert not set(stored) & set(top)
+    node = await Node.open(url, [(ORG, keys.node)])
+    try:
+        assert node._cache.top == top
+    finally:
+        await node.close()
