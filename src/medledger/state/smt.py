@@ -88,8 +88,8 @@ The internal nodes at depths 0 to ``TOP_DEPTH - 1`` (the root and the 16, 256
 and 4,096 positions below it, as far as they hold internal nodes) change with
 almost every block: every block rewrites the root, and in a tree of tens of
 thousands of keys a block of 50 random keys rewrites ~15 depth-1, ~45 depth-2 and
-~50 depth-3 nodes, each up to 517 bytes. Yet they are a pure function of the nodes below them.
-So a ledger node does not persist them: :func:`split_top` takes them out of
+~50 depth-3 nodes, each up to 517 bytes. Yet they are a pure function of the nodes
+below them. So a ledger node does not persist them: :func:`split_top` takes them out of
 the node writes it stores (deleting the leaf a position held before it became
 internal), the node keeps them in memory, and :func:`rebuild_top` derives them
 again, when a ledger is opened, from the stored nodes at depth ``TOP_DEPTH`` and
@@ -306,6 +306,13 @@ def _decode(raw: bytes, where: bytes) -> tuple[bytes, bytes] | _Internal:
     raise IntegrityError("malformed state tree node", node_key=where.hex())
 
 
+def _hash_of(node: tuple[bytes, bytes] | _Internal) -> bytes:
+    """The hash of a decoded node (its subtree's hash)."""
+    if isinstance(node, _Internal):
+        return internal_hash(node.children)
+    return leaf_hash(node[0], node[1])
+
+
 def _decoded_node(raw: bytes, nk: bytes) -> tuple[bytes, bytes] | _Internal:
     """:func:`_decode`, or the node remembered for ``nk`` if it has exactly ``raw``."""
     hit = _decoded.get(nk)
@@ -418,20 +425,19 @@ def rebuild_top(stored: Iterable[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
             raise ValueError(f"node {nk.hex()} is below depth {TOP_DEPTH}")
         if depth == TOP_DEPTH or raw[:1] == _LEAF_TAG:
             by_depth[depth][nk] = raw
+
     # (hash, is a leaf) of each non-empty position of the depth below the current one
-    below: dict[bytes, tuple[bytes, bool]] = {}
-    for nk, raw in by_depth[TOP_DEPTH].items():
-        node = _decode(raw, nk)
-        if isinstance(node, _Internal):
-            below[nk] = (internal_hash(node.children), False)
-        else:
-            below[nk] = (_sha256(raw).digest(), True)
+    def decoded(depth: int) -> dict[bytes, tuple[bytes, bool]]:
+        out: dict[bytes, tuple[bytes, bool]] = {}
+        for nk, raw in by_depth[depth].items():
+            node = _decode(raw, nk)
+            out[nk] = (_hash_of(node), not isinstance(node, _Internal))
+        return out
+
+    below = decoded(TOP_DEPTH)
     top: dict[bytes, bytes] = {}
     for depth in range(TOP_DEPTH - 1, -1, -1):
-        here: dict[bytes, tuple[bytes, bool]] = {}
-        for nk, raw in by_depth[depth].items():
-            _decode(raw, nk)  # a well-formed leaf
-            here[nk] = (_sha256(raw).digest(), True)
+        here = decoded(depth)  # the leaves at this depth
         kids: dict[bytes, list[tuple[int, bytes, bool]]] = {}
         for nk, (h, leaf) in below.items():
             parent, nib = _parent(nk)
@@ -580,11 +586,7 @@ class SparseMerkleTree:
     def root(self) -> bytes:
         """The current state root (``EMPTY_ROOT`` for an empty store)."""
         node = self._load(_ROOT_KEY)
-        if node is None:
-            return EMPTY_ROOT
-        if isinstance(node, _Internal):
-            return internal_hash(node.children)
-        return leaf_hash(node[0], node[1])
+        return EMPTY_ROOT if node is None else _hash_of(node)
 
     # -- update ----------------------------------------------------------------
 
