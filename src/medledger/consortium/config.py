@@ -28,7 +28,11 @@ Example::
 
     [orderer_options]                  # passed to the orderer (medledger.orderer.etcd)
     compact_interval = 60.0
-    # min_interval = 0.1               # proposals at least this far apart (s): fewer blocks
+    # busy_rate = 30.0                 # while busy, space proposals for about this many
+    #                                  # blocks a second in all (default 30; 0: never)
+    # busy_threshold = 100             # busy: this many tx/s arrived while this node's
+    #                                  # proposal was in flight (default 100)
+    # min_interval = 0.1               # proposals at least this far apart (s), always
     # relay = true                     # hand what this node receives to the first healthy
     #                                  # member's node, which proposes for all (default: off)
     # with orderer = "etcds://...": TLS to etcd (PEM files; cert and key for

@@ -18,9 +18,21 @@ under the same key until it succeeds or finds the key present, so an ambiguous
 write (a timeout) never lands twice. A node writes one proposal at a time, so its
 proposals are ordered as its submissions, and cuts the next one only once it has
 applied its previous one (``max_pending``): under load proposals grow rather than
-multiply, and every node pays the fixed cost of a block fewer times. With
-``min_interval`` it also cuts them at least that far apart (off by default): it
-then trades latency for CPU when many small submissions arrive.
+multiply, and every node pays the fixed cost of a block fewer times.
+
+**Pacing.** Under many concurrent small submissions, self-clocking alone makes
+blocks as small as the nodes can apply them: blocks multiply until the machines are
+saturated, and every node pays each block's fixed cost. A node is *busy* when at
+least ``busy_threshold`` transactions reached it in the last second while one of
+its own proposals was in flight (cut and not yet applied here) or while it held
+its next one back: submitters did not wait for each other. While busy, it spaces
+its proposals so that the consortium makes about ``busy_rate`` blocks a second:
+``n / busy_rate`` seconds apart, ``n`` being the organisations whose proposals it
+applied in the last second (itself included); what arrives meanwhile goes into
+the same proposal. A client that waits for each answer before submitting again
+never makes a node busy (its next transaction arrives only once its previous
+proposal is applied), so alone it is never slowed, and neither is light load.
+``min_interval`` spaces proposals always (off by default).
 
 **Deriving blocks.** Every node watches the proposals prefix from the revision
 after the last one it applied and turns the *creation* event of each proposal
@@ -603,6 +615,9 @@ class EtcdOrderer:
     the proposals that arrived while the previous group committed; 1: one at a time);
     ``min_interval`` seconds at least between two proposals of this node (0, the
     default: none; a longer interval means fewer, larger blocks for more latency);
+    ``busy_rate`` blocks a second the consortium aims at while this node is busy
+    (0: no such pacing) and ``busy_threshold`` transactions a second arriving while
+    this node's proposal is in flight that make it busy (module docstring, Pacing);
     ``tls`` an :class:`EtcdTLS` to reach etcd over TLS (``etcds://``); ``relay`` a
     :class:`Relay` (None: this node proposes what it receives), ``relay_timeout``
     seconds before transactions handed to a proposer that has landed nothing since
@@ -631,6 +646,8 @@ class EtcdOrderer:
         max_group: int = 8,
         tls: EtcdTLS | None = None,
         min_interval: float = 0.0,
+        busy_rate: float = 30.0,
+        busy_threshold: int = 100,
         relay: Relay | None = None,
         relay_timeout: float = 2.0,
         relay_retry: float = 5.0,
@@ -663,6 +680,14 @@ class EtcdOrderer:
         self._max_group = max(1, max_group)
         self._min_interval = max(0.0, min_interval)
         self._last_cut = 0.0  # loop time of this node's last proposal cut
+        if busy_rate < 0 or busy_threshold < 1:
+            raise ValueError("busy_rate must be >= 0 and busy_threshold >= 1")
+        self._busy_rate = float(busy_rate)
+        self._busy_threshold = int(busy_threshold)
+        # transactions that arrived while an own proposal was in flight, counted per
+        # whole second of loop time: [second, count in it, count in the one before]
+        self._overlap = [0, 0, 0]
+        self._holding = False  # the propose loop is waiting out its interval
         self._relay = relay
         self._relay_timeout = relay_timeout
         self._relay_retry = relay_retry
@@ -748,7 +773,10 @@ class EtcdOrderer:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Receipt] = loop.create_future()
         self._queue.put_nowait(_Item(tx, fut, len(tx.raw) + 8, relayed_in))
-        when = loop.time() + self._submit_timeout
+        now = loop.time()
+        if self._inflight or self._holding:  # a proposal of this node is being ordered,
+            self._count_overlap(int(now))  # or its next is held back: did not wait
+        when = now + self._submit_timeout
         self._expiry.append((when, fut))
         if self._expiry_timer is None:
             self._expiry_timer = loop.call_at(when, self._sweep)
@@ -1208,18 +1236,57 @@ class EtcdOrderer:
         if not items:
             del self._relayed[tx_id]
 
+    def _count_overlap(self, second: int) -> None:
+        ov = self._overlap
+        if ov[0] != second:
+            ov[2] = ov[1] if ov[0] == second - 1 else 0
+            ov[0], ov[1] = second, 0
+        ov[1] += 1
+
+    def _busy(self, now: float) -> bool:
+        """Whether at least ``busy_threshold`` transactions arrived in the last second
+        (this whole second of loop time and the part of the one before it that is
+        within a second) while one of this node's proposals was in flight or its next
+        one was held back."""
+        second = int(now)
+        ov = self._overlap
+        if ov[0] == second:
+            current, before = ov[1], ov[2]
+        elif ov[0] == second - 1:
+            current, before = 0, ov[1]
+        else:
+            return False
+        recent = current + before * (1.0 - (now - second))  # the earlier part, pro rata
+        return recent >= self._busy_threshold
+
+    def _interval(self, now: float) -> float:
+        """Seconds at least between this node's proposals now (see Pacing)."""
+        interval = self._min_interval
+        if self._busy_rate > 0 and self._busy(now):
+            since = now - 1.0
+            others = sum(1 for org, t in self._landed_by.items() if t >= since and org != self.org)
+            interval = max(interval, (1 + others) / self._busy_rate)
+        return interval
+
     async def _pace(self) -> None:
-        """Wait until ``min_interval`` has passed since this node's last proposal.
+        """Wait until this node's interval has passed since its last proposal.
 
         Trades latency for CPU under load: transactions that arrive meanwhile go
         into the same proposal, so every node derives, checks and commits fewer,
-        larger blocks (a block has a fixed cost on every node and in etcd). A node
-        whose last proposal is older than the interval cuts at once, and so does one
-        with ``max_batch`` transactions already waiting when the wait would begin.
+        larger blocks (a block has a fixed cost on every node and in etcd). The
+        interval is ``min_interval``, or longer while the node is busy (module
+        docstring, Pacing). A node whose last proposal is older than the interval
+        cuts at once, and so does one with ``max_batch`` transactions already waiting
+        when the wait would begin.
         """
-        gap = self._last_cut + self._min_interval - asyncio.get_running_loop().time()
+        now = asyncio.get_running_loop().time()
+        gap = self._last_cut + self._interval(now) - now
         if gap > 0 and self._queue.qsize() < self._max_batch:
-            await asyncio.sleep(gap)
+            self._holding = True
+            try:
+                await asyncio.sleep(gap)
+            finally:
+                self._holding = False
 
     async def _propose_loop(self) -> None:
         # Self-clocking: a new proposal is cut only while fewer than ``max_pending`` of
