@@ -40,14 +40,21 @@ Measures, in one run, on one machine:
 (e) for each timed phase, where the machine's CPU went (cores in use on average,
     from ``/proc``): the node processes, their signature workers, PostgreSQL's
     backends for the nodes and its own processes, the etcd members, this load
-    generator and everything else (see :class:`CpuMeter`).
+    generator and everything else (see :class:`CpuMeter`);
+(f) one client alone, as an application that waits for each answer before it
+    submits again: ``--sequential`` transactions (default 200; 0: none) posted one at
+    a time to the first node after the other phases and a pause of 2 s; its
+    committed transactions per second and p50 / p99 latency. Pacing under load
+    (the etcd orderer's ``busy_rate``) must not slow such a client: it never makes a
+    node busy.
 
 Pre-signing happens before each timed phase; the load generator (aiohttp, for its
 low per-request cost) shares the machine's cores with the nodes, etcd and the
 databases; (e) shows its own share.
 
 Run: ``.venv/bin/python bench/bench_consortium.py [--quick] [--sqlite] [--clients N]
-[--rates 0,2000] [--rate-batch 20] [--orderer-option max_wait=0.01] [--timeline F]``.
+[--rates 0,2000] [--rate-batch 20] [--sequential 200] [--orderer-option max_wait=0.01]
+[--timeline F]``.
 """
 
 from __future__ import annotations
@@ -392,6 +399,34 @@ async def run_paced(
     }
 
 
+async def run_sequential(
+    layout: dict[str, Any], keys: dict[str, list[SigningKey]], n: int, first_seq: int
+) -> dict[str, Any]:
+    """Phase (f): one client, one transaction per post, each posted once the previous
+    one is answered."""
+    node = layout["nodes"][0]
+    txs = presign(keys[node["org"]][0], layout["network"], n, first_seq)
+    url = node["peer"] + "/ledger/v1/txs"
+    await asyncio.sleep(2.0)  # the previous phase has settled and no node is busy
+    latencies: list[float] = []
+    async with _session(1) as http:
+        t0 = time.perf_counter()
+        for tx in txs:
+            t = time.perf_counter()
+            results = await post(http, url, encode([tx.raw]))
+            latencies.append(time.perf_counter() - t)
+            if not results[0]["ok"]:
+                raise RuntimeError(f"transaction rejected: {results[0]}")
+        elapsed = time.perf_counter() - t0
+    latencies.sort()
+    return {
+        "txs": n,
+        "tx_s": n / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
+    }
+
+
 async def head_height(layout: dict[str, Any]) -> int:
     """The first node's head height."""
     async with httpx.AsyncClient(timeout=10) as http:
@@ -441,6 +476,9 @@ def main() -> None:
         "default 0,2000)",
     )
     parser.add_argument("--rate-batch", type=int, default=20, help="batch size for (c)")
+    parser.add_argument(
+        "--sequential", type=int, default=200, help="transactions of (f), one at a time"
+    )
     parser.add_argument(
         "--rate-seconds", type=float, default=0, help="seconds per offered load (default 2x (a))"
     )
@@ -535,6 +573,9 @@ def main() -> None:
                 h2 = asyncio.run(head_height(layout))
                 got["blocks"], h1 = h2 - h1, h2
                 paced.append(got)
+            sequential = None
+            if args.sequential:
+                sequential = asyncio.run(run_sequential(layout, keys, args.sequential, next_seq))
             height, log_root, state_root = asyncio.run(converge(layout))
         finally:
             net.stop_network(d, purge=True)
@@ -566,6 +607,11 @@ def main() -> None:
         print(f"{'  blocks (mean transactions per block)':<44}", end="")
         print(f"{got['blocks']:>7,} /{got['txs'] / max(1, got['blocks']):>5.0f}")
         print_cpu(got["cpu"])
+    if sequential is not None:
+        print(f"{'one client, one transaction at a time':<44}{sequential['txs']:>14,}")
+        print(f"{'  committed transactions/s':<44}{sequential['tx_s']:>14,.0f}")
+        print(f"{'  commit latency p50 / p99 (ms)':<44}", end="")
+        print(f"{sequential['p50_ms']:>7.0f} /{sequential['p99_ms']:>5.0f}")
     print(f"{'final height (identical on all nodes)':<44}{height:>14,}")
     print(f"log root {log_root[:16]}…, state root {state_root[:16]}…")
 
