@@ -44,9 +44,9 @@ Measures, in one run, on one machine:
 (f) one client alone, as an application that waits for each answer before it
     submits again: ``--sequential`` transactions (default 200; 0: none) posted one at
     a time to the first node after the other phases and a pause of 2 s; its
-    committed transactions per second and p50 / p99 latency. Pacing under load
-    (the etcd orderer's ``busy_rate``) must not slow such a client: it never makes a
-    node busy.
+    committed transactions per second (beside its ceiling: raw etcd puts one at a
+    time, from (a)) and p50 / p99 latency. Pacing under load (the etcd orderer's
+    ``busy_rate``) must not slow such a client: it never makes a node busy.
 
 Pre-signing happens before each timed phase; the load generator (aiohttp, for its
 low per-request cost) shares the machine's cores with the nodes, etcd and the
@@ -610,6 +610,7 @@ def main() -> None:
     if sequential is not None:
         print(f"{'one client, one transaction at a time':<44}{sequential['txs']:>14,}")
         print(f"{'  committed transactions/s':<44}{sequential['tx_s']:>14,.0f}")
+        print(f"{'  ratio to 1-in-flight etcd puts':<44}{sequential['tx_s'] / seq:>14.2f}")
         print(f"{'  commit latency p50 / p99 (ms)':<44}", end="")
         print(f"{sequential['p50_ms']:>7.0f} /{sequential['p99_ms']:>5.0f}")
     print(f"{'final height (identical on all nodes)':<44}{height:>14,}")
