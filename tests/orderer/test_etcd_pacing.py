@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from medledger.node import Node
-from medledger.orderer.etcd import EtcdOrderer
+from medledger.orderer.etcd import BUSY_MAX_INTERVAL, EtcdOrderer
 
 from .conftest import Network
 
@@ -130,6 +130,15 @@ async def test_the_interval_follows_the_proposers_seen_and_busy_ends(net: Networ
     assert not orderer._busy(second + 0.6)  # 20 x 0.4 = 8
     assert not orderer._busy(second + 2.0)
     assert orderer._interval(second + 2.0) == 0.0  # not busy: cut at once
+
+
+async def test_a_busy_node_holds_its_proposals_back_a_second_at_most(net: Network) -> None:
+    a = await net.node("h1", busy_rate=0.5, busy_threshold=1)
+    orderer = etcd_orderer(a)
+    now = asyncio.get_running_loop().time()
+    orderer._overlap = [int(now), 1000, 0]
+    orderer._landed_by = {"h2": now, "h3": now}
+    assert orderer._interval(now) == BUSY_MAX_INTERVAL == 1.0  # not 3 / 0.5 = 6 s
 
 
 async def test_busy_pacing_can_be_turned_off(net: Network) -> None:

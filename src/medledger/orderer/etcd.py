@@ -27,12 +27,13 @@ least ``busy_threshold`` transactions reached it in the last second while one of
 its own proposals was in flight (cut and not yet applied here) or while it held
 its next one back: submitters did not wait for each other. While busy, it spaces
 its proposals so that the consortium makes about ``busy_rate`` blocks a second:
-``n / busy_rate`` seconds apart, ``n`` being the organisations whose proposals it
-applied in the last second (itself included); what arrives meanwhile goes into
-the same proposal. A client that waits for each answer before submitting again
-never makes a node busy (its next transaction arrives only once its previous
-proposal is applied), so alone it is never slowed, and neither is light load.
-``min_interval`` spaces proposals always (off by default).
+``n / busy_rate`` seconds apart (at most ``BUSY_MAX_INTERVAL``, 1 s), ``n`` being
+the organisations whose proposals it applied in the last second (itself
+included); what arrives meanwhile goes into the same proposal. A client that
+waits for each answer before submitting again never makes a node busy (its next
+transaction arrives only once its previous proposal is applied), so alone it is
+never slowed, and neither is light load. ``min_interval`` spaces proposals
+always (off by default).
 
 **Deriving blocks.** Every node watches the proposals prefix from the revision
 after the last one it applied and turns the *creation* event of each proposal
@@ -186,6 +187,9 @@ PROPOSAL_VERSION = 1
 #: etcd refuses requests over 1.5 MiB by default; stay well below
 MAX_PROPOSAL_BYTES = 1_000_000
 MAX_PROPOSAL_TXS = 10_000
+#: the longest a busy node holds its next proposal back (see Pacing), whatever
+#: ``busy_rate`` and the number of proposers say: well within any submit timeout
+BUSY_MAX_INTERVAL = 1.0
 _NONCE_SIZE = 16
 _FIELDS = frozenset({"v", "net", "org", "proposer", "time", "nonce", "txs", "sig"})
 _POSITION_META = "orderer/etcd/position/{}"
@@ -1265,7 +1269,7 @@ class EtcdOrderer:
         if self._busy_rate > 0 and self._busy(now):
             since = now - 1.0
             others = sum(1 for org, t in self._landed_by.items() if t >= since and org != self.org)
-            interval = max(interval, (1 + others) / self._busy_rate)
+            interval = max(interval, min((1 + others) / self._busy_rate, BUSY_MAX_INTERVAL))
         return interval
 
     async def _pace(self) -> None:
