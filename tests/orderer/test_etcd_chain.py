@@ -301,3 +301,32 @@ async def test_halt_writes_and_restart_orderer(net: Network) -> None:
     await a.submit(signer.anchor())
     await b.orderer.sync()
     assert await chain(a) == await chain(b)
+
+
+async def test_stop_cancels_again_a_task_that_lost_its_cancellation(net: Network) -> None:
+    # aetcd waits with asyncio.wait_for, which on Python 3.11 drops a cancellation that
+    # arrives as the awaited operation completes; a task of the orderer can then go on
+    # (the watch loop would wait for events forever) and stop() must not hang on it
+    a = await net.node("h1")
+    orderer = a.orderer
+    assert isinstance(orderer, EtcdOrderer)
+    lost = asyncio.Event()
+
+    async def loses_one_cancellation() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            lost.set()  # as wait_for can: the cancellation goes no further
+        await asyncio.sleep(3600)
+
+    task = asyncio.create_task(loses_one_cancellation())
+    await asyncio.sleep(0)  # it is waiting
+    orderer._tasks.append(task)
+    stopping = asyncio.create_task(a.stop_orderer())
+    done, _ = await asyncio.wait({stopping}, timeout=20)  # a hang, not a speed, check
+    if not done:
+        stopping.cancel()  # (cascades into the task: the fixture can close the node)
+        await asyncio.wait({stopping})
+    assert stopping in done, "stop() hung on a task that lost its cancellation"
+    assert lost.is_set()
+    assert task.cancelled()

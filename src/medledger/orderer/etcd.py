@@ -821,9 +821,18 @@ class EtcdOrderer:
 
     async def stop(self) -> None:
         self._closed = True
-        for task in (*self._tasks, *self._handing):
+        tasks = (*self._tasks, *self._handing)
+        for task in tasks:
             task.cancel()
-        for task in (*self._tasks, *self._handing):
+        for task in tasks:
+            # A cancellation can be lost on the way: aetcd waits with asyncio.wait_for,
+            # which on Python 3.11 drops one that arrives as the awaited operation
+            # completes (e.g. a watch being created as the node stops). Cancel again
+            # until the task has ended, so that stop() never hangs.
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done():
+                    task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
