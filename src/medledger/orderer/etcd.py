@@ -450,7 +450,8 @@ class _TLSClient(aetcd.Client):  # type: ignore[misc]
         if self._connected.is_set():
             return
         if self._is_connecting:  # type: ignore[has-type]
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            async with asyncio.timeout(self._connect_wait_timeout):  # not wait_for (above)
+                await self._connected.wait()
             return
         try:
             self._is_connecting = True
