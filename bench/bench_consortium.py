@@ -220,6 +220,19 @@ def _session(connections: int) -> aiohttp.ClientSession:
     )
 
 
+def _summary(latencies: list[float], elapsed: float) -> dict[str, Any]:
+    """A phase's transactions (one latency each, in seconds), their rate over
+    ``elapsed`` seconds, and p50 / p99 latency in ms."""
+    latencies = sorted(latencies)
+    n = len(latencies)
+    return {
+        "txs": n,
+        "tx_s": n / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
+    }
+
+
 async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> list[dict[str, Any]]:
     async with http.post(url, data=body) as resp:
         content = await resp.read()
@@ -271,16 +284,7 @@ async def run_load(
         )
         elapsed = max(acked) - t0
         cpu = meter.stop()
-    latencies.sort()
-    n = len(latencies)
-    return {
-        "txs": n,
-        "seconds": elapsed,
-        "tx_s": n / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
-        "cpu": cpu,
-    }
+    return {"seconds": elapsed, "cpu": cpu, **_summary(latencies, elapsed)}
 
 
 async def paced_loop(
@@ -386,16 +390,11 @@ async def run_paced(
         done.set()
         if sampler is not None:
             sampler.join()
-    latencies.sort()
-    n = len(latencies)
     return {
         "cpu": cpu,
         "offered": rate,
         "per_client": per_client,
-        "txs": n,
-        "tx_s": n / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
+        **_summary(latencies, elapsed),
     }
 
 
@@ -418,13 +417,7 @@ async def run_sequential(
             if not results[0]["ok"]:
                 raise RuntimeError(f"transaction rejected: {results[0]}")
         elapsed = time.perf_counter() - t0
-    latencies.sort()
-    return {
-        "txs": n,
-        "tx_s": n / elapsed,
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p99_ms": 1000 * latencies[min(n - 1, int(0.99 * n))],
-    }
+    return _summary(latencies, elapsed)
 
 
 async def head_height(layout: dict[str, Any]) -> int:
