@@ -43,7 +43,10 @@ small can be a sequential scan, and nothing replaces it while the table grows
 unless the table is analysed (autovacuum may be off): every block's
 ``known_txs`` then reads the whole transaction table. Those queries are
 therefore never prepared (:meth:`PostgresStore._any`): each is planned for its
-own keys and the table's current size, an index scan. Single-key lookups
+own keys and the table's current size, an index scan. So are a commit's deletions
+(``_DELETE_KEYS``): they used to join the staged keys inside the prepared commit
+statement, whose plan, made at a new node's first (large) commit on empty tables, then
+read the whole table at every commit that deleted a key. Single-key lookups
 (``k = $1``) keep their prepared index plan.
 
 Schema: the tables are created in the connection's current schema, normally
@@ -108,6 +111,8 @@ _TX_COLS = "idx, tx_id, height, raw, receipt"
 # ends), the statement and COMMIT, whatever the number of blocks and tables. (A
 # second COPY straight into ledger_txs cost two more round trips a commit, more than
 # passing the transactions through the staging table, which is not WAL-logged.)
+# Deleted keys are not staged: a commit that deletes any runs one more statement,
+# never prepared (``_DELETE_KEYS``).
 _STAGING = """
 CREATE TEMP TABLE IF NOT EXISTS ledger_stage (
     t SMALLINT NOT NULL, id BIGINT, k BYTEA, v BYTEA, h BIGINT, r BYTEA) ON COMMIT DELETE ROWS;
@@ -116,13 +121,11 @@ CREATE TEMP TABLE IF NOT EXISTS ledger_stage (
     _ST_TREE,
     _ST_STATE,
     _ST_SMT,
-    _ST_STATE_DEL,
-    _ST_SMT_DEL,
     _ST_BLOCK,
     _ST_CHECKPOINT,
     _ST_META,
     _ST_TX,
-) = range(9)
+) = range(7)
 _COPY_STAGE = "COPY pg_temp.ledger_stage(t, id, k, v, h, r) FROM STDIN (FORMAT BINARY)"
 _STAGE_TYPES = ("int2", "int8", "bytea", "bytea", "int8", "bytea")
 # Every data-modifying WITH clause runs (referenced or not) against the same snapshot;
@@ -143,16 +146,25 @@ WITH
   smt AS (INSERT INTO ledger_smt(k, v)
     SELECT k, v FROM pg_temp.ledger_stage WHERE t = {_ST_SMT}
     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v),
-  state_del AS (DELETE FROM ledger_state
-    WHERE k IN (SELECT k FROM pg_temp.ledger_stage WHERE t = {_ST_STATE_DEL})),
-  smt_del AS (DELETE FROM ledger_smt
-    WHERE k IN (SELECT k FROM pg_temp.ledger_stage WHERE t = {_ST_SMT_DEL})),
   checkpoints AS (INSERT INTO ledger_checkpoints(height, note)
     SELECT id, convert_from(v, 'UTF8') FROM pg_temp.ledger_stage WHERE t = {_ST_CHECKPOINT}
     ON CONFLICT (height) DO UPDATE SET note = EXCLUDED.note),
   meta AS (INSERT INTO ledger_meta(k, v)
     SELECT convert_from(k, 'UTF8'), v FROM pg_temp.ledger_stage WHERE t = {_ST_META}
     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v)
+SELECT 1
+"""
+# The keys a commit deletes, as two arrays, run in the same transaction after
+# _APPLY_STAGE (a commit never both writes and deletes one key). Never prepared: it
+# is planned for its keys and the tables' current size, an index lookup per key. (It
+# used to be a join of staged keys inside _APPLY_STAGE, which is prepared once per
+# session: planned at a new node's first, large commit on empty tables, that join
+# became a hash join that read the whole table at every later commit that deleted
+# anything, however large the table grew; see "Query plans" above.)
+_DELETE_KEYS = """
+WITH
+  state_del AS (DELETE FROM ledger_state WHERE k = ANY(%b)),
+  smt_del AS (DELETE FROM ledger_smt WHERE k = ANY(%b))
 SELECT 1
 """
 
@@ -613,16 +625,16 @@ class PostgresStore:
             stage.extend((_ST_TX, t.index, t.tx_id, t.raw, t.height, t.receipt) for t in w.txs)
             stage.append((_ST_BLOCK, w.block.height, w.block.header, w.block.sig, None, None))
         stage.extend((_ST_TREE, i, None, h, None, None) for i, h in tree.items())
-        for put, delete, changes in (
-            (_ST_STATE, _ST_STATE_DEL, state_changes),
-            (_ST_SMT, _ST_SMT_DEL, smt_writes),
+        deleted: tuple[list[bytes], list[bytes]] = ([], [])
+        for put, gone, changes in (
+            (_ST_STATE, deleted[0], state_changes),
+            (_ST_SMT, deleted[1], smt_writes),
         ):
-            stage.extend(
-                (put, None, k, v, None, None)
-                if v is not None
-                else (delete, None, k, None, None, None)
-                for k, v in changes.items()
-            )
+            for k, v in changes.items():
+                if v is None:
+                    gone.append(k)
+                else:
+                    stage.append((put, None, k, v, None, None))
         stage.extend(
             (_ST_CHECKPOINT, w.block.height, None, w.checkpoint.encode("utf-8"), None, None)
             for w in blocks
@@ -641,6 +653,8 @@ class PostgresStore:
         def write(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
             _copy(cur, _COPY_STAGE, _STAGE_TYPES, stage)
             cur.execute(_APPLY_STAGE, prepare=True)
+            if deleted[0] or deleted[1]:
+                cur.execute(_DELETE_KEYS, deleted, prepare=False)
 
         for attempt in (0, 1):
             conn = self._conn()
