@@ -40,7 +40,9 @@ Measures, in one run, on one machine:
 (e) for each timed phase, where the machine's CPU went (cores in use on average,
     from ``/proc``): the node processes, their signature workers, PostgreSQL's
     backends for the nodes and its own processes, the etcd members, this load
-    generator and everything else (see :class:`CpuMeter`);
+    generator and everything else (see :class:`CpuMeter`); and, with PostgreSQL,
+    the rows of the ledger tables the databases read by sequential scans, per block
+    (see :func:`seq_scan_rows`);
 (f) one client alone, as an application that waits for each answer before it
     submits again: ``--sequential`` transactions (default 200; 0: none) posted one at
     a time to the first node after the other phases and a pause of 2 s; its
@@ -75,6 +77,7 @@ from typing import Any
 import aetcd
 import aiohttp
 import httpx
+import psycopg
 
 from medledger.consortium import network as net
 from medledger.crypto.keystore import Keystore
@@ -171,6 +174,32 @@ class CpuMeter:
         known = sum(cores.values())
         cores[ROLES[-1]] = max(0.0, (busy - self._busy0) / self.hz - known)
         return {role: seconds / wall for role, seconds in cores.items()}
+
+
+def seq_scan_rows(databases: list[str]) -> int | None:
+    """Rows of the ledger tables read by sequential scans so far, over the network's
+    databases (PostgreSQL's ``pg_stat_user_tables``; None with SQLite stores).
+
+    A node's lookups and writes go through indexes. PostgreSQL may rightly read a
+    small table whole instead (the transaction ids of a block of hundreds, in a
+    table of a few thousand), but a figure that grows with the ledger at a steady
+    block size is a plan gone wrong: until 2026-12-08 a commit that deleted a key
+    read the state tree's table whole (36,515 rows a block at 600 tx/s in posts of
+    20 on a small ledger, two fifths of PostgreSQL's CPU; 121 after the fix). A busy
+    backend reports its counts about once a second, so a phase's figure can miss its
+    last second's reads (the next phase then counts them).
+    """
+    if not databases:
+        return None
+    total = 0
+    for db in databases:
+        with psycopg.connect(PG_ADMIN, dbname=db, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_user_tables"
+                " WHERE relname LIKE 'ledger%' AND schemaname NOT LIKE 'pg_temp%'"
+            ).fetchone()
+        total += int(row[0]) if row else 0
+    return total
 
 
 async def etcd_puts(port: int, seconds: float, in_flight: int) -> float:
@@ -447,6 +476,18 @@ async def converge(layout: dict[str, Any], within: float = 60) -> tuple[int, str
         await asyncio.sleep(0.5)
 
 
+def _delta(now: int | None, before: int | None) -> tuple[int | None, int | None]:
+    """(now - before, now): rows scanned in a phase, and the new baseline."""
+    return (None if now is None or before is None else now - before), now
+
+
+def print_scanned(got: dict[str, Any]) -> None:
+    if got.get("scanned") is None:
+        return
+    label = "  ledger rows read by sequential scans / block"
+    print(f"{label:<44}{got['scanned'] / max(1, got['blocks']):>14,.0f}")
+
+
 def print_cpu(cpu: dict[str, float]) -> None:
     if not cpu:
         return
@@ -528,9 +569,11 @@ def main() -> None:
             par = asyncio.run(etcd_puts(port, seconds, 64))
             h0 = asyncio.run(head_height(layout))
             meter = CpuMeter(d, layout["databases"])
+            scanned = seq_scan_rows(layout["databases"])
             res = asyncio.run(run_load(layout, keys, per_client, args.batch, meter))
             h1 = asyncio.run(head_height(layout))
             res["blocks"] = h1 - h0
+            res["scanned"], scanned = _delta(seq_scan_rows(layout["databases"]), scanned)
             paced = []
             next_seq = per_client + 1
             for rate in rates:
@@ -565,6 +608,7 @@ def main() -> None:
                 next_seq += int(got["per_client"])
                 h2 = asyncio.run(head_height(layout))
                 got["blocks"], h1 = h2 - h1, h2
+                got["scanned"], scanned = _delta(seq_scan_rows(layout["databases"]), scanned)
                 paced.append(got)
             sequential = None
             if args.sequential:
@@ -590,6 +634,7 @@ def main() -> None:
     print(f"{'  transactions':<44}{res['txs']:>14,}")
     print(f"{'  blocks (mean transactions per block)':<44}", end="")
     print(f"{res['blocks']:>7,} /{res['txs'] / max(1, res['blocks']):>5.0f}")
+    print_scanned(res)
     print_cpu(res["cpu"])
     for got in paced:
         offered = f"offered load (tx/s, batches of {args.rate_batch})"
@@ -599,6 +644,7 @@ def main() -> None:
         print(f"{got['p50_ms']:>7.0f} /{got['p99_ms']:>5.0f}")
         print(f"{'  blocks (mean transactions per block)':<44}", end="")
         print(f"{got['blocks']:>7,} /{got['txs'] / max(1, got['blocks']):>5.0f}")
+        print_scanned(got)
         print_cpu(got["cpu"])
     if sequential is not None:
         print(f"{'one client, one transaction at a time':<44}{sequential['txs']:>14,}")
