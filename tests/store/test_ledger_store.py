@@ -670,6 +670,23 @@ def test_pg_absent_keys_and_new_tx_ids_cost_no_query(pg_url: str) -> None:
         store.close()
 
 
+def _table_stats(
+    conn: psycopg.Connection[tuple[Any, ...]], column: str, *tables: str
+) -> tuple[int, ...]:
+    """``column`` of ``pg_stat_user_tables`` for ``tables``, in that order, as seen after
+    this session's own counts were flushed (they otherwise reach the shared statistics
+    only at its next idle moment)."""
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    got = dict(
+        conn.execute(
+            f"SELECT relname, {column} FROM pg_stat_user_tables WHERE relname = ANY(%s)",
+            (list(tables),),
+        ).fetchall()
+    )
+    return tuple(int(got[t]) for t in tables)
+
+
 def test_pg_key_list_lookups_use_the_index_after_the_table_grew(pg_url: str) -> None:
     # psycopg prepares a statement after a few runs and PostgreSQL may then keep one
     # generic plan: for "= ANY($1)" on a small table that is a sequential scan, kept
@@ -690,16 +707,8 @@ def test_pg_key_list_lookups_use_the_index_after_the_table_grew(pg_url: str) -> 
         _commit(store, 1, txs=many, tree=[((0, i), b"%032d" % i) for i in range(300, 20_300)])
         conn = store._conn()
 
-        def seq_scans() -> tuple[int, int]:
-            # this session's counts reach the shared statistics at its next idle moment
-            conn.execute("SELECT pg_stat_force_next_flush()")
-            conn.execute("SELECT pg_stat_clear_snapshot()")
-            row = conn.execute(
-                "SELECT (SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'ledger_txs'),"
-                " (SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'ledger_tree')"
-            ).fetchone()
-            assert row is not None
-            return int(row[0]), int(row[1])
+        def seq_scans() -> tuple[int, ...]:
+            return _table_stats(conn, "seq_scan", "ledger_txs", "ledger_tree")
 
         before = seq_scans()
         for _ in range(3):
@@ -731,16 +740,8 @@ def test_pg_deletions_read_only_their_keys_after_the_tables_grew(pg_url: str) ->
             )
         conn = store._conn()
 
-        def rows_read() -> tuple[int, int]:
-            conn.execute("SELECT pg_stat_force_next_flush()")
-            conn.execute("SELECT pg_stat_clear_snapshot()")
-            got = dict(
-                conn.execute(
-                    "SELECT relname, seq_tup_read FROM pg_stat_user_tables"
-                    " WHERE relname IN ('ledger_state', 'ledger_smt')"
-                ).fetchall()
-            )
-            return int(got["ledger_state"]), int(got["ledger_smt"])
+        def rows_read() -> tuple[int, ...]:
+            return _table_stats(conn, "seq_tup_read", "ledger_state", "ledger_smt")
 
         before = rows_read()
         for h in range(6, 9):
