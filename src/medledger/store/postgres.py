@@ -156,11 +156,8 @@ SELECT 1
 """
 # The keys a commit deletes, as two arrays, run in the same transaction after
 # _APPLY_STAGE (a commit never both writes and deletes one key). Never prepared: it
-# is planned for its keys and the tables' current size, an index lookup per key. (It
-# used to be a join of staged keys inside _APPLY_STAGE, which is prepared once per
-# session: planned at a new node's first, large commit on empty tables, that join
-# became a hash join that read the whole table at every later commit that deleted
-# anything, however large the table grew; see "Query plans" above.)
+# is planned for its keys and the tables' current size, an index lookup per key (why
+# it is not part of _APPLY_STAGE: "Query plans" in the module docstring).
 _DELETE_KEYS = """
 WITH
   state_del AS (DELETE FROM ledger_state WHERE k = ANY(%b)),
