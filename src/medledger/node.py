@@ -714,6 +714,7 @@ class Node:
             # group, a later block may delete a position an earlier one already did
             split_top(result.smt_writes, self._cache.top)[0],
             self._sign_checkpoint(header),
+            result.smt_created,
         )
 
     def _write_block(self, result: BlockResult, sig: bytes | None = None) -> None:

@@ -225,6 +225,31 @@ def test_incremental_updates_match_reference(batches: list[dict[bytes, bytes | N
         assert sum(1 for v in store.nodes.values() if v[0] == 0) == len(model)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(batch_st, min_size=1, max_size=12))
+def test_created_names_exactly_the_written_positions_that_held_no_node(
+    batches: list[dict[bytes, bytes | None]],
+) -> None:
+    # A store inserts these without looking for a row to replace: one named here that
+    # held a node would fail its commit; one left out only costs that look.
+    store = MemoryNodeStore()
+    split = SplitStore()  # a ledger node's: the top kept in memory, not stored
+    for batch in batches:
+        result = SparseMerkleTree(store).update(batch)
+        written = {nk for nk, v in result.node_writes.items() if v is not None}
+        assert result.created == written - set(store.nodes)
+        store.apply(result.node_writes)
+        at_node = SparseMerkleTree(split).update(batch)
+        stored, _ = split_top(at_node.node_writes, split.top)
+        assert (
+            not {nk for nk, v in stored.items() if v is not None}
+            & at_node.created
+            & set(split.stored)
+        )
+        split.apply(dict(at_node.node_writes))
+    assert SparseMerkleTree(store).update({}).created == frozenset()
+
+
 @settings(max_examples=100, deadline=None)
 @given(model_st, st.randoms(use_true_random=False), st.data())
 def test_root_is_independent_of_history(

@@ -761,6 +761,63 @@ def test_pg_deletions_read_only_their_keys_after_the_tables_grew(pg_url: str) ->
         store.close()
 
 
+def test_pg_rows_taken_for_new_are_inserted_and_a_wrong_guess_costs_a_retry(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Rows known to be new (log tree nodes, state keys the presence filter knows to be
+    # absent, state tree positions the tree held no node at) are inserted without
+    # ON CONFLICT's look-up. Should one be there after all (a bug, or another writer of
+    # the tables), the commit is rolled back and retried with every row an upsert.
+    store = PostgresStore(pg_url)
+    other = PostgresStore(pg_url)  # a second writer, unknown to the first's filter
+    try:
+        assert store.get(b"s/shared") is None  # loads the state filter
+        _commit(store, 0, state={b"s/a": b"1"}, smt={b"\x05n/a": b"1"}, tree=[((0, 0), b"a" * 32)])
+        caplog.set_level("WARNING", logger="medledger.store")
+        store.commit_blocks(
+            [
+                BlockWrite(
+                    BlockRecord(1, b"header/1", b"sig/1"),
+                    [],
+                    [((0, 1), b"b" * 32)],
+                    {b"s/a": b"2", b"s/b": b"1"},
+                    {b"\x05n/a": b"2", b"\x05n/b": b"1"},
+                    smt_new=frozenset({b"\x05n/b"}),
+                )
+            ]
+        )
+        assert not caplog.records  # the guesses were right: no retry
+        other.set_meta("x", b"y")
+        _commit(other, 2, state={b"s/shared": b"theirs"})
+        # the first store's filter still says absent: its insert fails, the retry upserts
+        store.commit_blocks(
+            [
+                BlockWrite(
+                    BlockRecord(3, b"header/3", b"sig/3"),
+                    [],
+                    [],
+                    {b"s/shared": b"mine"},
+                    {b"\x05n/a": b"3"},
+                    smt_new=frozenset({b"\x05n/a"}),  # wrong: it is stored
+                )
+            ]
+        )
+        assert len(caplog.records) == 1
+        assert "retrying with upserts" in caplog.records[0].getMessage()
+        assert store.get(b"s/shared") == b"mine" and store.get(b"s/a") == b"2"
+        assert store.get_node(b"\x05n/a") == b"3" and store.get_node(b"\x05n/b") == b"1"
+        assert store.get_tree_nodes([(0, 0), (0, 1)]) == [b"a" * 32, b"b" * 32]
+        assert store.head_height() == 3
+        # a block already there still fails, after the retry, and leaves nothing
+        before = _snapshot(store)
+        with pytest.raises(StorageError, match="block 3"):
+            _commit(store, 3, state={b"s/c": b"1"}, tree=[((0, 2), b"c" * 32)])
+        assert _snapshot(store) == before
+    finally:
+        other.close()
+        store.close()
+
+
 @pytest.mark.parametrize("filters", [True, False])
 def test_pg_presence_filters_grow_and_stay_exact(
     pg_url: str, monkeypatch: pytest.MonkeyPatch, filters: bool

@@ -81,6 +81,8 @@ class BlockResult:
     state_changes: dict[bytes, bytes | None]
     smt_writes: dict[bytes, bytes | None]
     rejected: list[Rejection] = field(default_factory=list)
+    #: the keys of ``smt_writes`` where the state tree held no node before the block
+    smt_created: frozenset[bytes] = frozenset()
 
 
 def apply_tx(
@@ -238,6 +240,7 @@ def build_block(
         state_changes=changes,
         smt_writes=dict(update.node_writes),
         rejected=rejected,
+        smt_created=update.created,
     )
 
 

@@ -109,7 +109,9 @@ encoding is unchanged are not rewritten. A deletion that leaves a subtree with
 a single leaf moves that leaf up to the shallowest position where it is unique,
 deleting the internal nodes and old leaf position it leaves behind, so the
 stored node set is always exactly the canonical one for the current key set.
-A missing or malformed node met on the way raises
+The result also names the positions written where the tree held no node before
+(``created``): a store holds nothing there, and may insert them without first
+looking for a row to replace. A missing or malformed node met on the way raises
 :class:`~medledger.errors.IntegrityError`.
 """
 
@@ -473,6 +475,9 @@ class UpdateResult:
 
     root: bytes
     node_writes: dict[bytes, bytes | None] = field(default_factory=dict)
+    #: the node keys written (not deleted) where the tree had no node before the update:
+    #: nothing is stored there, so a store may insert them without looking for a row
+    created: frozenset[bytes] = frozenset()
 
 
 class _LeafRef:
@@ -562,10 +567,12 @@ class SparseMerkleTree:
     update's ``node_writes``, the same object (or a new one) sees the new tree.
     """
 
-    __slots__ = ("_store",)
+    __slots__ = ("_loaded", "_store")
 
     def __init__(self, store: NodeStore) -> None:
         self._store = store
+        #: during :meth:`update`, the node keys where a node was read (present before it)
+        self._loaded: set[bytes] | None = None
 
     @property
     def store(self) -> NodeStore:
@@ -575,12 +582,16 @@ class SparseMerkleTree:
         raw = self._store.get_node(nk)
         if raw is None:
             return None
+        if self._loaded is not None:
+            self._loaded.add(nk)
         return _decoded_node(raw, nk)
 
     def _load_child(self, nk: bytes) -> tuple[bytes, bytes] | _Internal:
         raw = self._store.get_node(nk)
         if raw is None:
             raise IntegrityError("state tree node is missing", node_key=nk.hex())
+        if self._loaded is not None:
+            self._loaded.add(nk)
         return _decoded_node(raw, nk)
 
     def root(self) -> bytes:
@@ -600,9 +611,16 @@ class SparseMerkleTree:
         if not changes:
             return UpdateResult(self.root(), writes)
         khs, vhs = _prepare(changes)
-        summary = self._update_at(
-            0, _ROOT_KEY, self._load(_ROOT_KEY), None, khs, vhs, 0, len(khs), writes
-        )
+        # Every position that holds a node and is written is read first (the walk
+        # reaches a node only through its parent's bitmap, and reads it), so a written
+        # position that was never read held nothing: ``created``.
+        loaded = self._loaded = set()
+        try:
+            summary = self._update_at(
+                0, _ROOT_KEY, self._load(_ROOT_KEY), None, khs, vhs, 0, len(khs), writes
+            )
+        finally:
+            self._loaded = None
         if summary is None:
             root = EMPTY_ROOT
         elif isinstance(summary, bytes):
@@ -610,7 +628,8 @@ class SparseMerkleTree:
         else:
             _place(summary, _ROOT_KEY, writes)
             root = summary.hash
-        return UpdateResult(root, writes)
+        created = frozenset(nk for nk, v in writes.items() if v is not None and nk not in loaded)
+        return UpdateResult(root, writes, created)
 
     def _update_at(
         self,

@@ -51,6 +51,9 @@ class BlockWrite:
     state_changes: dict[bytes, bytes | None]
     smt_writes: dict[bytes, bytes | None]
     checkpoint: str | None = None
+    #: keys of ``smt_writes`` where no node was stored before this block (a store may
+    #: insert them without looking for a row to replace; empty: look for every key)
+    smt_new: frozenset[bytes] = frozenset()
 
 
 class LedgerStore(Protocol):

@@ -13,10 +13,11 @@ node or of the server. A block either commits whole or not at all.
 Bulk writes: a block of 2,000 transactions touches some 20,000 rows (transactions,
 log tree nodes, state rows, state-tree nodes). They travel with binary ``COPY``:
 every row into one session-local staging table (``pg_temp``, emptied at every
-commit) from which one statement inserts the transactions, upserts each other
-table's rows (SQLite's ``INSERT OR REPLACE``) and deletes the deleted keys. That is
-about four times faster than one statement with the rows as arrays (``unnest``),
-and a commit costs the same few round trips whatever its size (see ``_STAGING``).
+commit) from which one statement inserts the transactions and every row known to
+be new, and upserts the others (SQLite's ``INSERT OR REPLACE``; see
+``_apply_stage``); deleted keys go in one more. That is about four times faster
+than one statement with the rows as arrays (``unnest``), and a commit costs the
+same few round trips whatever its size (see ``_STAGING``).
 
 Fewer round trips: a query costs a network round trip (~100 us on loopback, against
 ~5 us for an SQLite read), and while a block is built most point reads ask for keys
@@ -60,6 +61,7 @@ Like every store, this one is used from a single thread at a time.
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -72,6 +74,8 @@ from medledger.state.base import scan_bounds
 from medledger.store.base import BlockRecord, BlockWrite, TxRecord
 
 __all__ = ["PostgresStore"]
+
+log = logging.getLogger("medledger.store")
 
 T = TypeVar("T")
 
@@ -125,35 +129,69 @@ CREATE TEMP TABLE IF NOT EXISTS ledger_stage (
     _ST_CHECKPOINT,
     _ST_META,
     _ST_TX,
-) = range(7)
+    _ST_STATE_NEW,
+    _ST_SMT_NEW,
+) = range(9)
 _COPY_STAGE = "COPY pg_temp.ledger_stage(t, id, k, v, h, r) FROM STDIN (FORMAT BINARY)"
 _STAGE_TYPES = ("int2", "int8", "bytea", "bytea", "int8", "bytea")
+
+
 # Every data-modifying WITH clause runs (referenced or not) against the same snapshot;
 # a commit never both writes and deletes one key (the writes are merged per key first).
-# The upserts mirror SQLite's INSERT OR REPLACE; a block height already present fails.
-_APPLY_STAGE = f"""
+#
+# Rows known to be new are inserted plainly; the others are upserts (SQLite's INSERT OR
+# REPLACE). An upsert first looks the key up in the index (ON CONFLICT's check), then
+# inserts: two descents of the index where an insert needs one. That check was about a
+# quarter of PostgreSQL's CPU under load, and most rows are new: every log tree node
+# (append-only: a perfect node is written once, by the block holding its last leaf),
+# state keys the presence filter knows to be absent, and state tree positions where the
+# tree held no node (``BlockWrite.smt_new``). A block height or transaction id already
+# present fails the commit, as before.
+def _apply_stage(fast: bool) -> str:
+    """The statement applying the staged rows; ``fast=False``: every row an upsert."""
+
+    def rows(cols: str, codes: tuple[int, ...]) -> str:
+        where = f"t = {codes[0]}" if len(codes) == 1 else f"t IN {codes}"
+        return f"SELECT {cols} FROM pg_temp.ledger_stage WHERE {where}"
+
+    state: tuple[int, ...]
+    smt: tuple[int, ...]
+    if fast:
+        tree = f"INSERT INTO ledger_tree(id, hash) {rows('id, v', (_ST_TREE,))}"
+        news = f"""
+  state_new AS (INSERT INTO ledger_state(k, v) {rows("k, v", (_ST_STATE_NEW,))}),
+  smt_new AS (INSERT INTO ledger_smt(k, v) {rows("k, v", (_ST_SMT_NEW,))}),"""
+        state, smt = (_ST_STATE,), (_ST_SMT,)
+    else:
+        tree = (
+            f"INSERT INTO ledger_tree(id, hash) {rows('id, v', (_ST_TREE,))}"
+            " ON CONFLICT (id) DO UPDATE SET hash = EXCLUDED.hash"
+        )
+        news = ""
+        state, smt = (_ST_STATE, _ST_STATE_NEW), (_ST_SMT, _ST_SMT_NEW)
+    return f"""
 WITH
   txs AS (INSERT INTO ledger_txs(idx, tx_id, height, raw, receipt)
-    SELECT id, k, h, v, r FROM pg_temp.ledger_stage WHERE t = {_ST_TX}),
-  blocks AS (INSERT INTO ledger_blocks(height, header, sig)
-    SELECT id, k, v FROM pg_temp.ledger_stage WHERE t = {_ST_BLOCK}),
-  tree AS (INSERT INTO ledger_tree(id, hash)
-    SELECT id, v FROM pg_temp.ledger_stage WHERE t = {_ST_TREE}
-    ON CONFLICT (id) DO UPDATE SET hash = EXCLUDED.hash),
-  state AS (INSERT INTO ledger_state(k, v)
-    SELECT k, v FROM pg_temp.ledger_stage WHERE t = {_ST_STATE}
+    {rows("id, k, h, v, r", (_ST_TX,))}),
+  blocks AS (INSERT INTO ledger_blocks(height, header, sig) {rows("id, k, v", (_ST_BLOCK,))}),
+  tree AS ({tree}),{news}
+  state AS (INSERT INTO ledger_state(k, v) {rows("k, v", state)}
     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v),
-  smt AS (INSERT INTO ledger_smt(k, v)
-    SELECT k, v FROM pg_temp.ledger_stage WHERE t = {_ST_SMT}
+  smt AS (INSERT INTO ledger_smt(k, v) {rows("k, v", smt)}
     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v),
   checkpoints AS (INSERT INTO ledger_checkpoints(height, note)
-    SELECT id, convert_from(v, 'UTF8') FROM pg_temp.ledger_stage WHERE t = {_ST_CHECKPOINT}
+    {rows("id, convert_from(v, 'UTF8')", (_ST_CHECKPOINT,))}
     ON CONFLICT (height) DO UPDATE SET note = EXCLUDED.note),
-  meta AS (INSERT INTO ledger_meta(k, v)
-    SELECT convert_from(k, 'UTF8'), v FROM pg_temp.ledger_stage WHERE t = {_ST_META}
+  meta AS (INSERT INTO ledger_meta(k, v) {rows("convert_from(k, 'UTF8'), v", (_ST_META,))}
     ON CONFLICT (k) DO UPDATE SET v = EXCLUDED.v)
 SELECT 1
 """
+
+
+_APPLY_STAGE = _apply_stage(fast=True)
+#: the same rows with every row an upsert: a commit whose "new" row was not new after
+#: all (a unique violation: a bug, or another writer of the tables) is retried with it
+_APPLY_STAGE_UPSERT = _apply_stage(fast=False)
 # The keys a commit deletes, as two arrays, run in the same transaction after
 # _APPLY_STAGE (a commit never both writes and deletes one key). Never prepared: it
 # is planned for its keys and the tables' current size, an index lookup per key (why
@@ -237,13 +275,14 @@ class _Presence:
         d = hashlib.blake2b(key, digest_size=16).digest()
         return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little") | 1
 
-    def add(self, key: bytes, *, new: bool = False) -> None:
+    def add(self, key: bytes, *, new: bool = False) -> bool:
         """Add ``key``, unless the filter already answers "present" for it (an updated
         key is written again and again: counting it once keeps the layers few); ``new``
-        skips that check for keys known to be distinct (a table's, when it is loaded)."""
+        skips that check for keys known to be distinct (a table's, when it is loaded).
+        True if ``key`` was certainly absent before (or ``new``)."""
         h = self._hashes(key)
         if not new and any(h in layer for layer in reversed(self.layers)):
-            return
+            return False
         layer = self.layers[-1]
         if layer.count >= layer.capacity:
             bits = BLOOM_BITS_PER_KEY + BLOOM_BITS_STEP * len(self.layers)
@@ -251,6 +290,7 @@ class _Presence:
             self.layers.append(layer)
         layer.add(*h)
         self.count += 1
+        return True
 
     def __contains__(self, key: bytes) -> bool:
         h = self._hashes(key)
@@ -412,14 +452,14 @@ class PostgresStore:
 
         return self._call(f"load the {table} filter", load)
 
-    def _will_store(self, table: str, keys: Iterable[bytes]) -> None:
+    def _will_store(self, table: str, keys: Iterable[bytes]) -> set[bytes] | None:
         """Add keys about to be written (before the write: a failed write only costs
-        false positives, a missed key would be a wrong answer)."""
+        false positives, a missed key would be a wrong answer). Returns those the
+        filter knew to be absent (new rows), or None when the filter is not loaded."""
         f = self._filters[table]
         if f is None:
-            return
-        for key in keys:
-            f.add(key)
+            return None
+        return {key for key in keys if f.add(key)}
 
     def _pages(
         self,
@@ -614,24 +654,34 @@ class PostgresStore:
         tree: dict[int, bytes] = {}
         state_changes: dict[bytes, bytes | None] = {}
         smt_writes: dict[bytes, bytes | None] = {}
+        # a state tree position is new to the table if the first block of the group
+        # that touches it found no node there (a later one may find the first one's)
+        smt_new: set[bytes] = set()
         stage: list[tuple[object, ...]] = []
         for w in blocks:
             tree.update((_node_id(lv, ix), h) for (lv, ix), h in w.tree_nodes)
             state_changes.update(w.state_changes)
+            if w.smt_new:
+                smt_new.update(k for k in w.smt_new if k not in smt_writes)
             smt_writes.update(w.smt_writes)
             stage.extend((_ST_TX, t.index, t.tx_id, t.raw, t.height, t.receipt) for t in w.txs)
             stage.append((_ST_BLOCK, w.block.height, w.block.header, w.block.sig, None, None))
         stage.extend((_ST_TREE, i, None, h, None, None) for i, h in tree.items())
+        for w in blocks:
+            self._will_store("txs", (t.tx_id for t in w.txs))
+        state_new = self._will_store(
+            "state", (k for k, v in state_changes.items() if v is not None)
+        )
         deleted: tuple[list[bytes], list[bytes]] = ([], [])
-        for put, gone, changes in (
-            (_ST_STATE, deleted[0], state_changes),
-            (_ST_SMT, deleted[1], smt_writes),
+        for put, put_new, new, gone, changes in (
+            (_ST_STATE, _ST_STATE_NEW, state_new or (), deleted[0], state_changes),
+            (_ST_SMT, _ST_SMT_NEW, smt_new, deleted[1], smt_writes),
         ):
             for k, v in changes.items():
                 if v is None:
                     gone.append(k)
                 else:
-                    stage.append((put, None, k, v, None, None))
+                    stage.append((put_new if k in new else put, None, k, v, None, None))
         stage.extend(
             (_ST_CHECKPOINT, w.block.height, None, w.checkpoint.encode("utf-8"), None, None)
             for w in blocks
@@ -640,20 +690,20 @@ class PostgresStore:
         stage.extend(
             (_ST_META, None, k.encode("utf-8"), v, None, None) for k, v in (meta or {}).items()
         )
-        for w in blocks:
-            self._will_store("txs", (t.tx_id for t in w.txs))
-        self._will_store("state", (k for k, v in state_changes.items() if v is not None))
         last = blocks[-1].block
         first_height = blocks[0].block.height
         heights = f"{first_height}..{last.height}" if len(blocks) > 1 else str(last.height)
 
+        apply = _APPLY_STAGE
+
         def write(cur: psycopg.Cursor[tuple[Any, ...]]) -> None:
             _copy(cur, _COPY_STAGE, _STAGE_TYPES, stage)
-            cur.execute(_APPLY_STAGE, prepare=True)
+            cur.execute(apply, prepare=True)
             if deleted[0] or deleted[1]:
                 cur.execute(_DELETE_KEYS, deleted, prepare=False)
 
-        for attempt in (0, 1):
+        attempt = 0
+        while attempt < 2:
             conn = self._conn()
             try:
                 if self._staging is not conn:
@@ -662,6 +712,16 @@ class PostgresStore:
                 with conn.transaction(), conn.cursor() as cur:
                     write(cur)
                 return
+            except psycopg.errors.UniqueViolation as exc:
+                if apply is _APPLY_STAGE_UPSERT:
+                    raise StorageError(
+                        f"postgresql: commit of block {heights} failed: {exc}"
+                    ) from exc
+                # rolled back; a row taken for new was there (or the block itself
+                # is): once more, every row an upsert
+                log.warning("commit of block %s: %s; retrying with upserts", heights, exc)
+                apply = _APPLY_STAGE_UPSERT
+                continue
             except psycopg.OperationalError as exc:
                 if attempt == 0 and conn.broken:
                     # The connection dropped: if it dropped during COMMIT the blocks may
@@ -669,6 +729,7 @@ class PostgresStore:
                     # rolled them back and they can be retried.
                     if self._committed(last):
                         return
+                    attempt += 1
                     continue
                 raise StorageError(f"postgresql: commit of block {heights} failed: {exc}") from exc
             except psycopg.Error as exc:
