@@ -818,6 +818,39 @@ def test_pg_rows_taken_for_new_are_inserted_and_a_wrong_guess_costs_a_retry(
         store.close()
 
 
+def test_pg_a_group_takes_a_position_for_new_only_if_its_first_block_did(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # In a group commit, the rows of all its blocks are merged per key (the last write
+    # wins). A state tree position is new to the table only if the first block that
+    # touches it found it empty: a later block finds the earlier one's node there.
+    store = PostgresStore(pg_url)
+    try:
+        _commit(store, 0, smt={b"\x05q": b"old"})
+        caplog.set_level("WARNING", logger="medledger.store")
+
+        def write(height: int, smt: dict[bytes, bytes | None], new: set[bytes]) -> BlockWrite:
+            return BlockWrite(
+                BlockRecord(height, b"header/%d" % height, b"sig/%d" % height),
+                [],
+                [],
+                {},
+                smt,
+                smt_new=frozenset(new),
+            )
+
+        store.commit_blocks(
+            [
+                write(1, {b"\x05p": b"p1", b"\x05q": None}, {b"\x05p"}),  # p made, q removed
+                write(2, {b"\x05p": b"p2", b"\x05q": b"q2"}, {b"\x05q"}),  # p rewritten, q made
+            ]
+        )
+        assert not caplog.records  # p inserted, q (still in the table) upserted
+        assert store.get_node(b"\x05p") == b"p2" and store.get_node(b"\x05q") == b"q2"
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("filters", [True, False])
 def test_pg_presence_filters_grow_and_stay_exact(
     pg_url: str, monkeypatch: pytest.MonkeyPatch, filters: bool
