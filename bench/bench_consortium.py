@@ -38,7 +38,8 @@ Measures, in one run, on one machine:
 (d) that all three nodes end at the same height with the same log and state
     roots;
 (e) for each timed phase, where the machine's CPU went (cores in use on average,
-    from ``/proc``): the node processes, their signature workers, PostgreSQL's
+    from ``/proc``): the node processes (split into their storage threads, event
+    loops and other threads), their signature workers, PostgreSQL's
     backends for the nodes and its own processes, the etcd members, this load
     generator and everything else (see :class:`CpuMeter`); and, with PostgreSQL,
     the rows of the ledger tables the databases read by sequential scans, per block
@@ -88,6 +89,10 @@ from medledger.ledger.tx import Transaction, make_tx
 PG_ADMIN = os.environ.get("MEDLEDGER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 #: CPU roles reported per phase, in print order
+#: the node processes' threads, as ``CpuMeter.threads`` reports them
+NODE_THREADS = ("storage threads", "event loops", "other threads")
+STORAGE_THREAD = "ml-store"  # medledger.node.STORAGE_THREAD: its name in /proc
+
 ROLES = (
     "node processes",
     "their signature workers",
@@ -109,7 +114,9 @@ class CpuMeter:
     other processes (WAL writer, checkpointer, autovacuum and any other client),
     this load generator, and the rest of the machine (``/proc/stat`` busy time
     minus all of those). A process that exits during the phase is not counted.
-    Empty where ``/proc`` is not available.
+    Empty where ``/proc`` is not available. ``threads`` then splits the node
+    processes' share: their storage threads (named ``ml-store``), their main threads
+    (the event loops) and their other threads (the process pool's, gRPC's).
     """
 
     def __init__(self, net_dir: Path, databases: list[str]) -> None:
@@ -119,6 +126,8 @@ class CpuMeter:
         self._t0 = 0.0
         self._start: dict[int, tuple[str, int]] = {}
         self._busy0 = 0
+        self._threads0: dict[int, tuple[str, int]] = {}
+        self.threads: dict[str, float] = {}
 
     @staticmethod
     def _busy() -> int:
@@ -158,15 +167,48 @@ class CpuMeter:
             out[pid] = (role, ticks)
         return out
 
+    def _node_threads(self, procs: dict[int, tuple[str, int]]) -> dict[int, tuple[str, int]]:
+        """CPU ticks of every thread of the node processes, by thread id, with its kind."""
+        out: dict[int, tuple[str, int]] = {}
+        for pid, (role, _) in procs.items():
+            if role != ROLES[0]:
+                continue
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    stat = (task / "stat").read_text()
+                except OSError:
+                    continue
+                tid, comm = int(task.name), stat[stat.index("(") + 1 : stat.rindex(")")]
+                rest = stat[stat.rindex(")") + 2 :].split()
+                kind = (
+                    NODE_THREADS[1]
+                    if tid == pid
+                    else NODE_THREADS[0]
+                    if comm == STORAGE_THREAD
+                    else NODE_THREADS[2]
+                )
+                out[tid] = (kind, int(rest[11]) + int(rest[12]))
+        return out
+
     def start(self) -> None:
         if not Path("/proc/stat").exists():
             return
         self._start, self._busy0, self._t0 = self._snapshot(), self._busy(), time.perf_counter()
+        self._threads0 = self._node_threads(self._start)
 
     def stop(self) -> dict[str, float]:
         if not self._t0:
             return {}
         end, busy, wall = self._snapshot(), self._busy(), time.perf_counter() - self._t0
+        threads = dict.fromkeys(NODE_THREADS, 0.0)
+        for tid, (kind, ticks) in self._node_threads(end).items():
+            before = self._threads0.get(tid)
+            threads[kind] += (ticks - (before[1] if before else 0)) / self.hz
+        self.threads = {kind: seconds / wall for kind, seconds in threads.items()}
         cores = dict.fromkeys(ROLES, 0.0)
         for pid, (role, ticks) in end.items():
             before = self._start.get(pid)
@@ -313,7 +355,12 @@ async def run_load(
         )
         elapsed = max(acked) - t0
         cpu = meter.stop()
-    return {"seconds": elapsed, "cpu": cpu, **_summary(latencies, elapsed)}
+    return {
+        "seconds": elapsed,
+        "cpu": cpu,
+        "threads": meter.threads,
+        **_summary(latencies, elapsed),
+    }
 
 
 async def paced_loop(
@@ -421,6 +468,7 @@ async def run_paced(
             sampler.join()
     return {
         "cpu": cpu,
+        "threads": meter.threads,
         "offered": rate,
         "per_client": per_client,
         **_summary(latencies, elapsed),
@@ -488,12 +536,15 @@ def print_scanned(got: dict[str, Any]) -> None:
     print(f"{label:<44}{got['scanned'] / max(1, got['blocks']):>14,.0f}")
 
 
-def print_cpu(cpu: dict[str, float]) -> None:
+def print_cpu(cpu: dict[str, float], threads: dict[str, float] | None = None) -> None:
     if not cpu:
         return
     print(f"{'  CPU, cores in use (of ' + str(os.cpu_count()) + ')':<44}{sum(cpu.values()):>14.2f}")
     for role in ROLES:
         print(f"{'    ' + role:<44}{cpu[role]:>14.2f}")
+        if role == ROLES[0]:
+            for kind in NODE_THREADS if threads else ():
+                print(f"{'      ' + kind:<44}{threads[kind]:>14.2f}")
 
 
 def main() -> None:
@@ -635,7 +686,7 @@ def main() -> None:
     print(f"{'  blocks (mean transactions per block)':<44}", end="")
     print(f"{res['blocks']:>7,} /{res['txs'] / max(1, res['blocks']):>5.0f}")
     print_scanned(res)
-    print_cpu(res["cpu"])
+    print_cpu(res["cpu"], res["threads"])
     for got in paced:
         offered = f"offered load (tx/s, batches of {args.rate_batch})"
         print(f"{offered:<44}{got['offered']:>14,.0f}")
@@ -645,7 +696,7 @@ def main() -> None:
         print(f"{'  blocks (mean transactions per block)':<44}", end="")
         print(f"{got['blocks']:>7,} /{got['txs'] / max(1, got['blocks']):>5.0f}")
         print_scanned(got)
-        print_cpu(got["cpu"])
+        print_cpu(got["cpu"], got["threads"])
     if sequential is not None:
         print(f"{'one client, one transaction at a time':<44}{sequential['txs']:>14,}")
         print(f"{'  committed transactions/s':<44}{sequential['tx_s']:>14,.0f}")
