@@ -88,11 +88,11 @@ from medledger.ledger.tx import Transaction, make_tx
 
 PG_ADMIN = os.environ.get("MEDLEDGER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
-#: CPU roles reported per phase, in print order
 #: the node processes' threads, as ``CpuMeter.threads`` reports them
 NODE_THREADS = ("storage threads", "event loops", "other threads")
 STORAGE_THREAD = "ml-store"  # medledger.node.STORAGE_THREAD: its name in /proc
 
+#: CPU roles reported per phase, in print order
 ROLES = (
     "node processes",
     "their signature workers",
