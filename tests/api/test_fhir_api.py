@@ -513,6 +513,30 @@ def test_cross_organisation_everything(api: Api) -> None:
     assert warning["code"] == "suppressed" and "DocumentReference" in warning["diagnostics"]
 
 
+def test_everything_counts_and_pages_only_the_types_the_caller_may_ask_for(api: Api) -> None:
+    pid = api.new_patient("hospital")
+    api.post("Condition", condition(pid), "system:hospital")
+    obs = [api.observation(pid, "lab", value=5.0 + i)["id"] for i in range(3)]
+    api.consent(pid, to_org="clinic", types=["Patient", "Observation", "Condition"])
+    who = "practitioner:dr-clinic"
+    # the whole record: the patient, a condition, three observations
+    assert api.get(f"Patient/{pid}/$everything", who).json()["total"] == 5
+    # a token for the patient and observations: neither the total nor the pages count
+    # the condition
+    scope = "user/Patient.rs user/Observation.rs"
+    narrow = api.get(f"Patient/{pid}/$everything?_count=2", who, scope).json()
+    assert narrow["total"] == 4 and len(entries(narrow)) == 2
+    links = {link["relation"]: link["url"] for link in narrow["link"]}
+    rest = api.http.get(links["next"], headers=api.headers(who, scope)).json()
+    assert rest["total"] == 4 and len(entries(rest)) == 2
+    got = entries(narrow) + entries(rest)
+    assert {r["id"] for r in got if r["resourceType"] == "Observation"} == set(obs)
+    assert sorted(r["resourceType"] for r in got) == ["Observation"] * 3 + ["Patient"]
+    # so does _type
+    only = api.get(f"Patient/{pid}/$everything?_type=Condition", who).json()
+    assert only["total"] == 1 and [r["resourceType"] for r in entries(only)] == ["Condition"]
+
+
 def test_search_parameters_and_paging(api: Api) -> None:
     pid = api.new_patient()
     who = "system:lab"

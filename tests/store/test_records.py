@@ -216,6 +216,15 @@ async def test_search_filters_order_and_paging(store: RecordStore) -> None:
     assert [e.record for e in page] == ["obs-b"] and total == 1
     page, total = await store.search(resource_type=None, ids=["obs-03", "cond-1", "missing"])
     assert [e.record for e in page] == ["cond-1", "obs-03"] and total == 2
+    # types: any of several, counted and paged over those only ($everything's)
+    page, total = await store.search(
+        resource_type=None, resource_types=["Condition", "Procedure"], patient=PAT_A
+    )
+    assert [e.record for e in page] == ["cond-1"] and total == 1
+    page, total = await store.search(
+        resource_type=None, resource_types=["Observation", "Condition"], patient=PAT_A, limit=2
+    )
+    assert [e.record for e in page] == ["cond-1", "obs-11"] and total == 14
     with pytest.raises(StorageError):
         await store.search(resource_type=None, limit=-1)
 

@@ -1302,8 +1302,14 @@ class FhirService:
         entries: list[IndexEntry] = []
         total = 0
         if allowed:
+            # only the types the caller may ask for: the total and the pages count no
+            # others (a scope or _type leaves out)
             found, total = await self.store.search(
-                resource_type=None, patient=patient, offset=offset, limit=count
+                resource_type=None,
+                resource_types=allowed,
+                patient=patient,
+                offset=offset,
+                limit=count,
             )
             # then the patient's records other members' nodes hold (from the ledger)
             held = await self.records.remote_entries(auth.caller, patient, allowed)

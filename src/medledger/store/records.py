@@ -191,6 +191,7 @@ class RecordStore(Protocol):
         self,
         *,
         resource_type: str | None,
+        resource_types: Sequence[str] = (),
         patient: str | None = None,
         custodian: str | None = None,
         tokens: Sequence[bytes] = (),
@@ -207,8 +208,9 @@ class RecordStore(Protocol):
         """``(page, total)`` of index rows in ``order`` (one of :data:`SEARCH_ORDERS`):
         by default newest ``last_updated`` first, then by record.
 
-        ``tokens`` and ``ids`` match any of their values; a date bound excludes
-        rows without a date. Returned tokens are sorted and deduplicated.
+        ``resource_types`` (besides ``resource_type``), ``tokens`` and ``ids`` match any
+        of their values; a date bound excludes rows without a date. Returned tokens are
+        sorted and deduplicated.
         """
         ...
 
@@ -379,6 +381,7 @@ def _search_sql(
     ph: str,
     *,
     resource_type: str | None,
+    resource_types: Sequence[str],
     patient: str | None,
     custodian: str | None,
     tokens: Sequence[bytes],
@@ -399,6 +402,10 @@ def _search_sql(
 
     if resource_type is not None:
         eq("resource_type", "=", resource_type)
+    if resource_types:
+        kinds = list(dict.fromkeys(resource_types))
+        conds.append(f"i.resource_type IN ({', '.join([ph] * len(kinds))})")
+        params.extend(kinds)
     if patient is not None:
         eq("patient", "=", patient)
     if custodian is not None:
@@ -1135,6 +1142,7 @@ class SqliteRecordStore:
         self,
         *,
         resource_type: str | None,
+        resource_types: Sequence[str] = (),
         patient: str | None = None,
         custodian: str | None = None,
         tokens: Sequence[bytes] = (),
@@ -1153,6 +1161,7 @@ class SqliteRecordStore:
         where, params = _search_sql(
             "?",
             resource_type=resource_type,
+            resource_types=resource_types,
             patient=patient,
             custodian=custodian,
             tokens=tokens,
@@ -1600,6 +1609,7 @@ class PostgresRecordStore:
         self,
         *,
         resource_type: str | None,
+        resource_types: Sequence[str] = (),
         patient: str | None = None,
         custodian: str | None = None,
         tokens: Sequence[bytes] = (),
@@ -1618,6 +1628,7 @@ class PostgresRecordStore:
         where, params = _search_sql(
             "%s",
             resource_type=resource_type,
+            resource_types=resource_types,
             patient=patient,
             custodian=custodian,
             tokens=tokens,
