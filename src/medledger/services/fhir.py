@@ -1313,8 +1313,7 @@ class FhirService:
             )
             # then the patient's records other members' nodes hold (from the ledger)
             held = await self.records.remote_entries(auth.caller, patient, allowed)
-            found, total = _after_local(found, total, held, offset, count)
-            entries = [e for e in found if e.resource_type in allowed]
+            entries, total = _after_local(found, total, held, offset, count)
         records, withheld = await self._fetch_many(auth, patient, entries, allowed or ["Patient"])
         resources = [self._present(r) for r in records if r.resource is not None]
         resources.sort(key=lambda r: (r["resourceType"] != "Patient", r["resourceType"]))

@@ -400,12 +400,15 @@ def _search_sql(
         conds.append(f"i.{column} {op} {ph}")
         params.append(value)
 
+    def any_of(column: str, values: Sequence[Any]) -> None:
+        uniq = list(dict.fromkeys(values))
+        conds.append(f"i.{column} IN ({', '.join([ph] * len(uniq))})")
+        params.extend(uniq)
+
     if resource_type is not None:
         eq("resource_type", "=", resource_type)
     if resource_types:
-        kinds = list(dict.fromkeys(resource_types))
-        conds.append(f"i.resource_type IN ({', '.join([ph] * len(kinds))})")
-        params.extend(kinds)
+        any_of("resource_type", resource_types)
     if patient is not None:
         eq("patient", "=", patient)
     if custodian is not None:
@@ -421,9 +424,7 @@ def _search_sql(
     if not include_deleted:
         eq("deleted", "=", False)
     if ids:
-        uniq = list(dict.fromkeys(ids))
-        conds.append(f"i.record IN ({', '.join([ph] * len(uniq))})")
-        params.extend(uniq)
+        any_of("record", ids)
     if tokens:
         uniq_t = list(dict.fromkeys(bytes(t) for t in tokens))
         conds.append(
